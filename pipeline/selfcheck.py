@@ -59,8 +59,10 @@ def main() -> int:
             Transcript(session_id="local", turn_id=turn_id, generation=0, text=text, clock=clock)
         )
     report = pipeline.stop(timeout_s=2.0)
-    print(f"pipeline stopped: pill reached sink={report.pill_reached_sink}, "
-          f"threads left={list(report.stuck_threads)}")
+    print(
+        f"pipeline stopped: pill reached sink={report.pill_reached_sink}, "
+        f"threads left={list(report.stuck_threads)}"
+    )
     return 0 if report.clean else 1
 
 
