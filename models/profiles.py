@@ -1,0 +1,98 @@
+"""Device profiles: coherent defaults for all four models, per device, and loading them once.
+
+``--device cpu`` gives the offline defaults that ship inside PyPI packages; ``--device cuda``
+the strong hub models; ``auto`` picks cuda when a GPU is usable. Any model or option can be
+overridden after the profile is chosen.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+from models.device import resolve_device
+from models.llm import (
+    CPU_DEFAULT_LLM,
+    CUDA_DEFAULT_LLM,
+    LlmOptions,
+    OpenAICompatibleChat,
+    OpenAIOptions,
+    TransformersChat,
+)
+from models.stt import CPU_DEFAULT_STT, CUDA_DEFAULT_STT, SttOptions, WhisperTranscriber
+from models.tts import CPU_DEFAULT_TTS, CUDA_DEFAULT_TTS, Synthesizer, TtsOptions, load_synthesizer
+from models.vad import SileroVad
+from pipeline.segmenter import VadOptions
+
+
+@dataclass(frozen=True, slots=True)
+class ModelProfile:
+    device: str
+    vad: VadOptions
+    stt: SttOptions
+    llm: LlmOptions
+    tts: TtsOptions
+    openai: OpenAIOptions | None = None
+    """When set, the LLM runs on this OpenAI-compatible server instead of locally."""
+
+
+def profile_for(device: str) -> ModelProfile:
+    """The defaults for a device ('auto' resolved here)."""
+    resolved = resolve_device(device)
+    if resolved == "cuda":
+        return ModelProfile(
+            device="cuda",
+            vad=VadOptions(),
+            stt=SttOptions(model=CUDA_DEFAULT_STT, device="cuda"),
+            llm=LlmOptions(model=CUDA_DEFAULT_LLM, device="cuda"),
+            tts=TtsOptions(model=CUDA_DEFAULT_TTS, device="cuda"),
+        )
+    return ModelProfile(
+        device=resolved,
+        vad=VadOptions(),
+        stt=SttOptions(model=CPU_DEFAULT_STT, device="cpu"),
+        llm=LlmOptions(model=CPU_DEFAULT_LLM, device=resolved),
+        tts=TtsOptions(model=CPU_DEFAULT_TTS, device="cpu"),
+    )
+
+
+def override(profile: ModelProfile, **changes: object) -> ModelProfile:
+    return replace(profile, **changes)  # type: ignore[arg-type]
+
+
+@dataclass
+class LoadedModels:
+    """The models a server loads once and every session shares, each behind its own lock
+    (a session holds a model only for one call: a transcription, a reply, a chunk of speech)."""
+
+    profile: ModelProfile
+    vad: SileroVad
+    stt: WhisperTranscriber
+    llm: TransformersChat | OpenAICompatibleChat
+    tts: Synthesizer
+    load_s: dict[str, float]
+    stt_lock: threading.Lock = field(default_factory=threading.Lock)
+    llm_lock: threading.Lock = field(default_factory=threading.Lock)
+    tts_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def load_models(profile: ModelProfile) -> LoadedModels:
+    """Load and warm up all four models (each fails with a ModelUnavailable that says why)."""
+    timings: dict[str, float] = {}
+    began = time.monotonic()
+    vad = SileroVad.load()
+    timings["vad"] = time.monotonic() - began
+    stt = WhisperTranscriber.load(profile.stt)
+    timings["stt"] = stt.load_s
+    llm: TransformersChat | OpenAICompatibleChat
+    if profile.openai is not None:
+        llm = OpenAICompatibleChat(profile.openai)
+        timings["llm"] = 0.0
+    else:
+        llm = TransformersChat.load(profile.llm)
+        timings["llm"] = llm.load_s
+    began = time.monotonic()
+    tts = load_synthesizer(profile.tts)
+    timings["tts"] = time.monotonic() - began
+    return LoadedModels(profile, vad, stt, llm, tts, timings)

@@ -1,0 +1,150 @@
+"""VAD segmentation (pure): per-window speech probabilities in, speech events out.
+
+Speech must last ``min_speech_ms`` before it counts; it ends after ``min_silence_ms`` below a
+lower threshold (hysteresis). The end reported is where the speech stopped, not where the
+silence wait ran out: that is the origin of the voice-to-voice latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.messages import Samples
+
+VAD_SAMPLE_RATE_HZ = 16_000
+NEGATIVE_THRESHOLD_MARGIN = 0.15
+"""Speech ends below ``threshold - margin`` (hysteresis, as Silero's own iterator does)."""
+END_SEARCH_MS = 250
+"""Silero's probability trails the audio by two or three windows (~100 ms): the reported end
+is refined by energy within this much audio before the first silent window."""
+END_FRAME_MS = 10
+END_LEVEL_DB = -26.0
+"""A frame is still speech while its RMS is within this of the segment's loud frames."""
+
+
+@dataclass(frozen=True, slots=True)
+class VadOptions:
+    threshold: float = 0.5
+    min_speech_ms: int = 250
+    """Speech must last this long before it counts (and ``speech started`` is reported)."""
+    min_silence_ms: int = 500
+    """Silence after speech that ends the turn."""
+    speech_pad_ms: int = 100
+    """Audio kept on each side of a segment."""
+    max_speech_s: float = 30.0
+    """A segment is cut here even without silence (Whisper's window is 30 s)."""
+
+    def samples(self, ms: float) -> int:
+        return int(ms * VAD_SAMPLE_RATE_HZ / 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class VadStarted:
+    sample_index: int
+    """First sample of the speech (before padding)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VadEnded:
+    samples: Samples
+    start_sample_index: int
+    """First sample in ``samples`` (speech start minus padding)."""
+    speech_end_sample_index: int
+    """Where the speech itself ended, before the end-of-turn silence."""
+    forced: bool = False
+    """True when cut by ``max_speech_s`` rather than by silence."""
+
+
+VadEvent = VadStarted | VadEnded
+
+
+class VadSegmenter:
+    """Pure: window probabilities in, speech events out. One per session."""
+
+    def __init__(self, options: VadOptions) -> None:
+        self._options = options
+        self._negative_threshold = max(0.0, options.threshold - NEGATIVE_THRESHOLD_MARGIN)
+        self._pad = options.samples(options.speech_pad_ms)
+        self._min_speech = options.samples(options.min_speech_ms)
+        self._min_silence = options.samples(options.min_silence_ms)
+        self._max_speech = int(options.max_speech_s * VAD_SAMPLE_RATE_HZ)
+        self._audio = np.zeros(0, dtype=np.float32)
+        self._audio_start = 0  # stream index of self._audio[0]
+        self._speech_start: int | None = None  # a candidate or confirmed onset
+        self._confirmed = False
+        self._silence_start: int | None = None
+
+    @property
+    def in_speech(self) -> bool:
+        return self._confirmed
+
+    def push(self, window: Samples, window_start: int, probability: float) -> list[VadEvent]:
+        """Account for one window of audio that starts at stream index ``window_start``."""
+        self._audio = np.concatenate([self._audio, window])
+        window_end = window_start + len(window)
+        events: list[VadEvent] = []
+        if probability >= self._options.threshold:
+            self._silence_start = None
+            if self._speech_start is None:
+                self._speech_start = window_start
+            if not self._confirmed and window_end - self._speech_start >= self._min_speech:
+                self._confirmed = True
+                events.append(VadStarted(self._speech_start))
+        elif probability < self._negative_threshold and self._speech_start is not None:
+            if not self._confirmed:
+                self._speech_start = None  # a blip shorter than min_speech_ms
+            elif self._silence_start is None:
+                self._silence_start = window_start
+        if self._confirmed and self._speech_start is not None:
+            if (
+                self._silence_start is not None
+                and window_end - self._silence_start >= self._min_silence
+            ):
+                events.append(self._end(self._silence_start, forced=False))
+            elif window_end - self._speech_start >= self._max_speech:
+                events.append(self._end(window_end, forced=True))
+        self._trim(window_end)
+        return events
+
+    def _end(self, speech_end: int, forced: bool) -> VadEnded:
+        assert self._speech_start is not None
+        if not forced:
+            speech_end = self._refine_end(speech_end)
+        start = max(self._audio_start, self._speech_start - self._pad)
+        stop = speech_end + self._pad
+        samples = self._audio[start - self._audio_start : stop - self._audio_start].copy()
+        self._speech_start = None
+        self._confirmed = False
+        self._silence_start = None
+        return VadEnded(samples, start, speech_end, forced)
+
+    def _refine_end(self, vad_end: int) -> int:
+        """The last frame, shortly before ``vad_end``, loud enough to be speech."""
+        assert self._speech_start is not None
+        frame = self._options.samples(END_FRAME_MS)
+        speech = self._audio[self._speech_start - self._audio_start : vad_end - self._audio_start]
+        frames = len(speech) // frame
+        if frames == 0:
+            return vad_end
+        rms = np.sqrt((speech[: frames * frame].reshape(frames, frame) ** 2).mean(axis=1))
+        loud = float(np.percentile(rms, 90))
+        if loud <= 0.0:
+            return vad_end
+        floor = loud * 10 ** (END_LEVEL_DB / 20)
+        search_from = max(0, frames - self._options.samples(END_SEARCH_MS) // frame)
+        above = np.nonzero(rms[search_from:] > floor)[0]
+        if len(above) == 0:
+            return self._speech_start + search_from * frame
+        return self._speech_start + (search_from + int(above[-1]) + 1) * frame
+
+    def _trim(self, stream_end: int) -> None:
+        """Keep only what a segment may still need: the padding before any onset."""
+        keep_from = stream_end - self._pad
+        if self._speech_start is not None:
+            keep_from = min(keep_from, self._speech_start - self._pad)
+        drop = keep_from - self._audio_start
+        if drop > 0:
+            self._audio = self._audio[drop:]
+            self._audio_start += drop

@@ -1,0 +1,282 @@
+"""The four stages of a voice turn: VAD -> STT -> LLM -> TTS.
+
+Each takes its model through the constructor (already loaded, possibly shared with other
+sessions) and only moves items: the models live in ``models/``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.chunker import ChunkerOptions, SpeakableChunker
+from pipeline.history import ChatHistory, ChatMessage
+from pipeline.messages import (
+    AudioChunk,
+    ReplyAudio,
+    ReplyText,
+    Samples,
+    SpeechSegment,
+    SpeechStarted,
+    SpeechStopped,
+    Transcript,
+    TurnClock,
+    TurnMetrics,
+)
+from pipeline.segmenter import VadEnded, VadEvent
+from pipeline.stage import Stage, StageContext
+
+# --- what the stages need from the models (see models/) -------------------------------------
+
+
+class VoiceActivity(Protocol):
+    """One session's streaming VAD (``models.vad.StreamingVad``)."""
+
+    def push(self, samples: Samples) -> list[VadEvent]: ...
+
+
+class Transcriber(Protocol):
+    def transcribe(self, samples: Samples) -> str: ...
+
+
+class ChatBackend(Protocol):
+    def stream(
+        self, messages: list[ChatMessage], should_stop: Callable[[], bool]
+    ) -> Iterator[str]: ...
+
+
+class Synthesizer(Protocol):
+    @property
+    def sample_rate_hz(self) -> int: ...
+
+    def stream(self, text: str, should_stop: Callable[[], bool]) -> Iterator[Samples]: ...
+
+
+class Resampler(Protocol):
+    def push(self, samples: Samples, last: bool = False) -> Samples: ...
+
+
+def _shared(lock: threading.Lock | None) -> AbstractContextManager[object]:
+    """A model shared by several sessions is used under its lock; a private one needs none."""
+    return lock if lock is not None else nullcontext()
+
+
+# --- VAD ------------------------------------------------------------------------------------
+
+
+class VadStage(Stage[AudioChunk, SpeechSegment]):
+    """Microphone audio in; one ``SpeechSegment`` per utterance out, with speech events."""
+
+    name = "vad"
+    # The user's audio is never stale: speech that arrives while a reply is cancelled is the
+    # start of the next turn.
+    accepts_stale_input = True
+
+    def __init__(self, vad: VoiceActivity, sample_rate_hz: int) -> None:
+        self._vad = vad
+        self._sample_rate_hz = sample_rate_hz
+        self._next_turn_id = 0
+        self._speech_started_at: float | None = None
+
+    def handle(self, item: AudioChunk, ctx: StageContext) -> Iterator[SpeechSegment]:
+        if item.sample_rate_hz != self._sample_rate_hz:
+            raise ValueError(
+                f"VAD expects {self._sample_rate_hz} Hz audio, got {item.sample_rate_hz} Hz"
+            )
+        chunk_end = item.first_sample_index + len(item.samples)
+        for event in self._vad.push(item.samples):
+            index = (
+                event.speech_end_sample_index if isinstance(event, VadEnded) else event.sample_index
+            )
+            # When that sample reached us: the chunk's arrival, less the audio after it.
+            at = item.received_at - (chunk_end - index) / self._sample_rate_hz
+            turn_id, generation = self._next_turn_id, ctx.cancellation.generation
+            if not isinstance(event, VadEnded):
+                self._speech_started_at = at
+                ctx.emit(
+                    SpeechStarted(
+                        session_id=ctx.session_id,
+                        turn_id=turn_id,
+                        generation=generation,
+                        sample_index=index,
+                        at=at,
+                    )
+                )
+                continue
+            ctx.emit(
+                SpeechStopped(
+                    session_id=ctx.session_id,
+                    turn_id=turn_id,
+                    generation=generation,
+                    sample_index=index,
+                    at=at,
+                )
+            )
+            self._next_turn_id += 1
+            yield SpeechSegment(
+                session_id=ctx.session_id,
+                turn_id=turn_id,
+                generation=generation,
+                samples=event.samples,
+                sample_rate_hz=self._sample_rate_hz,
+                start_sample_index=event.start_sample_index,
+                end_sample_index=index,
+                clock=TurnClock(
+                    speech_started_at=self._speech_started_at,
+                    speech_ended_at=at,
+                    end_of_turn_at=time.monotonic(),
+                ),
+            )
+
+
+# --- STT ------------------------------------------------------------------------------------
+
+
+class SttStage(Stage[SpeechSegment, Transcript]):
+    name = "stt"
+
+    def __init__(self, transcriber: Transcriber, model_lock: threading.Lock | None = None) -> None:
+        self._transcriber = transcriber
+        self._model_lock = model_lock
+
+    def handle(self, item: SpeechSegment, ctx: StageContext) -> Iterator[Transcript]:
+        with _shared(self._model_lock):
+            text = self._transcriber.transcribe(item.samples)
+        if not text:
+            return  # noise that looked like speech: no turn
+        yield Transcript(
+            session_id=item.session_id,
+            turn_id=item.turn_id,
+            generation=item.generation,
+            text=text,
+            clock=item.clock.stamp(transcribed_at=time.monotonic()),
+        )
+
+
+# --- LLM ------------------------------------------------------------------------------------
+
+
+class LlmStage(Stage[Transcript, ReplyText]):
+    """Streams the reply through the speakable-chunk splitter and keeps the session's history.
+
+    The turn's last ``ReplyText`` has ``is_last=True`` (its text may be empty), so the TTS
+    stage knows where the reply ends without waiting for another chunk.
+    """
+
+    name = "llm"
+
+    def __init__(
+        self,
+        backend: ChatBackend,
+        history: ChatHistory,
+        chunker_options: ChunkerOptions | None = None,
+        model_lock: threading.Lock | None = None,
+    ) -> None:
+        self._backend = backend
+        self.history = history
+        self._chunker_options = chunker_options
+        self._model_lock = model_lock
+
+    def handle(self, item: Transcript, ctx: StageContext) -> Iterator[ReplyText]:
+        chunker = SpeakableChunker(self._chunker_options)
+        clock = item.clock
+        reply: list[str] = []
+        index = 0
+        finished = False
+        should_stop = ctx.cancellation.stop_check(item.generation)
+
+        def chunk(text: str, is_last: bool) -> ReplyText:
+            nonlocal clock, index
+            clock = clock.stamp(first_text_chunk_at=time.monotonic())
+            out = ReplyText(
+                session_id=item.session_id,
+                turn_id=item.turn_id,
+                generation=item.generation,
+                text=text,
+                chunk_index=index,
+                is_last=is_last,
+                clock=clock,
+            )
+            index += 1
+            return out
+
+        try:
+            with _shared(self._model_lock):
+                for delta in self._backend.stream(self.history.prompt(item.text), should_stop):
+                    clock = clock.stamp(first_token_at=time.monotonic())
+                    reply.append(delta)
+                    for text in chunker.push(delta):
+                        yield chunk(text, is_last=False)
+            rest = chunker.finish()
+            yield chunk(rest[0] if rest else "", is_last=True)
+            finished = True
+        finally:
+            # Runs on a normal end and when the runner abandons this generator (cancellation).
+            self.history.record(item.text, "".join(reply), interrupted=not finished)
+
+
+# --- TTS ------------------------------------------------------------------------------------
+
+
+class TtsStage(Stage[ReplyText, ReplyAudio]):
+    """Speaks each reply chunk as it comes; resamples to the session's output rate.
+
+    Emits ``TurnMetrics`` with the turn's first audio, when every stage's time is known.
+    """
+
+    name = "tts"
+
+    def __init__(
+        self,
+        synthesizer: Synthesizer,
+        output_rate_hz: int,
+        make_resampler: Callable[[int, int], Resampler],
+        model_lock: threading.Lock | None = None,
+    ) -> None:
+        self._synthesizer = synthesizer
+        self._output_rate_hz = output_rate_hz
+        self._make_resampler = make_resampler
+        self._model_lock = model_lock
+        self._turns_with_audio: set[tuple[int, int]] = set()
+
+    def handle(self, item: ReplyText, ctx: StageContext) -> Iterator[ReplyAudio]:
+        should_stop = ctx.cancellation.stop_check(item.generation)
+        resampler = self._make_resampler(self._synthesizer.sample_rate_hz, self._output_rate_hz)
+        if item.text:
+            with _shared(self._model_lock):
+                for samples in self._synthesizer.stream(item.text, should_stop):
+                    audio = resampler.push(samples)
+                    if len(audio):
+                        yield self._audio(item, audio, is_last=False, ctx=ctx)
+            tail = resampler.push(np.zeros(0, dtype=np.float32), last=True)
+            if len(tail):
+                yield self._audio(item, tail, is_last=False, ctx=ctx)
+        if item.is_last:
+            self._turns_with_audio.discard((item.turn_id, item.generation))
+            yield self._audio(item, np.zeros(0, dtype=np.float32), is_last=True, ctx=ctx)
+
+    def _audio(
+        self, item: ReplyText, samples: Samples, is_last: bool, ctx: StageContext
+    ) -> ReplyAudio:
+        clock = item.clock
+        key = (item.turn_id, item.generation)
+        if len(samples) and key not in self._turns_with_audio:
+            self._turns_with_audio.add(key)
+            clock = clock.stamp(first_audio_at=time.monotonic())
+            ctx.emit(TurnMetrics.from_clock(item, clock))
+        return ReplyAudio(
+            session_id=item.session_id,
+            turn_id=item.turn_id,
+            generation=item.generation,
+            samples=samples,
+            sample_rate_hz=self._output_rate_hz,
+            text=item.text,
+            chunk_index=item.chunk_index,
+            is_last=is_last,
+            clock=clock,
+        )

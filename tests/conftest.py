@@ -1,0 +1,40 @@
+"""Shared fixtures: the real CPU models, loaded once per test run."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from models.audio import resample
+from models.profiles import LoadedModels, load_models, profile_for
+from pipeline.messages import Samples
+
+# Tests never reach the model hub: a model that is not on disk must fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SPEECH_END_FRAME_SAMPLES = 160
+"""10 ms at 16 kHz: the resolution of the 'true end of speech' measure."""
+
+
+@pytest.fixture(scope="session")
+def cpu_models() -> LoadedModels:
+    return load_models(profile_for("cpu"))
+
+
+def speech_with_silence(
+    models: LoadedModels, text: str, silence_s: float = 1.0
+) -> tuple[Samples, int]:
+    """Piper speaks ``text``; returned at 16 kHz with ``silence_s`` of silence on each side,
+    plus the true sample where the speech ends (the last 10 ms frame above 1% of the peak)."""
+    voice = models.tts
+    spoken = np.concatenate(list(voice.stream(text, lambda: False)))
+    speech = resample(spoken, voice.sample_rate_hz, 16_000)
+    frame = SPEECH_END_FRAME_SAMPLES
+    frames = len(speech) // frame
+    rms = np.sqrt((speech[: frames * frame].reshape(frames, frame) ** 2).mean(axis=1))
+    last_loud = int(np.nonzero(rms > 0.01 * np.abs(speech).max())[0][-1])
+    pad = np.zeros(int(silence_s * 16_000), dtype=np.float32)
+    true_end = len(pad) + (last_loud + 1) * frame
+    return np.concatenate([pad, speech, pad]).astype(np.float32), true_end

