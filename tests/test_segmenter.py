@@ -1,0 +1,98 @@
+"""Layer 1: VAD segmentation and chat history, pure (no model, no threads)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.history import INTERRUPTED_MARK, ChatHistory, HistoryOptions
+from pipeline.segmenter import VadEnded, VadEvent, VadOptions, VadSegmenter, VadStarted
+
+WINDOW = 512  # 32 ms at 16 kHz
+LOUD = 0.3
+
+
+def run(
+    probabilities: list[float], options: VadOptions, loud_until: int | None = None
+) -> list[VadEvent]:
+    """Windows with the given speech probabilities; audio is loud while p >= 0.5 (or until
+    window ``loud_until``), silent otherwise."""
+    segmenter = VadSegmenter(options)
+    events: list[VadEvent] = []
+    for index, probability in enumerate(probabilities):
+        loud = index < loud_until if loud_until is not None else probability >= 0.5
+        window = np.full(WINDOW, LOUD if loud else 0.0, dtype=np.float32)
+        events += segmenter.push(window, index * WINDOW, probability)
+    return events
+
+
+def test_one_utterance_gives_start_then_end_at_the_last_loud_sample() -> None:
+    """Speech for 20 windows then silence: started at its first window, ended where loud stops."""
+    options = VadOptions(min_speech_ms=100, min_silence_ms=300, speech_pad_ms=0)
+    events = run([0.0] * 5 + [0.9] * 20 + [0.0] * 15, options)
+    assert [type(e) for e in events] == [VadStarted, VadEnded]
+    started, ended = events
+    assert isinstance(started, VadStarted) and isinstance(ended, VadEnded)
+    assert started.sample_index == 5 * WINDOW
+    assert ended.speech_end_sample_index == 25 * WINDOW
+    assert ended.start_sample_index == 5 * WINDOW
+    assert len(ended.samples) == 20 * WINDOW
+    assert not ended.forced
+
+
+def test_end_is_refined_to_the_audio_when_the_model_lags() -> None:
+    """The model's probability trails the audio by 3 windows; the end follows the audio."""
+    options = VadOptions(min_speech_ms=100, min_silence_ms=300, speech_pad_ms=0)
+    events = run([0.0] * 5 + [0.9] * 23 + [0.0] * 15, options, loud_until=25)
+    ended = events[-1]
+    assert isinstance(ended, VadEnded)
+    assert ended.speech_end_sample_index == 25 * WINDOW
+
+
+def test_a_blip_shorter_than_min_speech_is_ignored() -> None:
+    """Two windows (64 ms) of speech-like sound with min_speech_ms=250 produce no event."""
+    assert run([0.0] * 5 + [0.9] * 2 + [0.0] * 20, VadOptions(min_speech_ms=250)) == []
+
+
+def test_a_short_pause_does_not_end_the_turn() -> None:
+    """A pause shorter than min_silence_ms keeps one segment."""
+    options = VadOptions(min_speech_ms=100, min_silence_ms=500, speech_pad_ms=0)
+    events = run([0.9] * 10 + [0.0] * 8 + [0.9] * 10 + [0.0] * 20, options)
+    assert [type(e) for e in events] == [VadStarted, VadEnded]
+
+
+def test_padding_is_kept_on_both_sides() -> None:
+    """speech_pad_ms of audio before the onset and after the end are in the segment."""
+    options = VadOptions(min_speech_ms=100, min_silence_ms=300, speech_pad_ms=64)
+    ended = run([0.0] * 10 + [0.9] * 10 + [0.0] * 15, options)[-1]
+    assert isinstance(ended, VadEnded)
+    assert ended.start_sample_index == 10 * WINDOW - 1024
+    assert len(ended.samples) == 10 * WINDOW + 2 * 1024
+
+
+def test_max_speech_forces_a_cut() -> None:
+    """Speech longer than max_speech_s is cut there, marked forced, and a new onset follows."""
+    options = VadOptions(min_speech_ms=100, min_silence_ms=300, max_speech_s=0.64)
+    events = run([0.9] * 50, options)
+    ended = [e for e in events if isinstance(e, VadEnded)]
+    assert ended and ended[0].forced
+    assert ended[0].speech_end_sample_index == 20 * WINDOW
+
+
+def test_history_keeps_the_last_turns_within_budget() -> None:
+    """Older exchanges go first, by turn count and by token budget."""
+    history = ChatHistory(HistoryOptions(max_turns=2, max_history_tokens=10_000), len)
+    for i in range(3):
+        history.record(f"q{i}", f"a{i}")
+    contents = [m["content"] for m in history.prompt("next")]
+    assert contents[1:] == ["q1", "a1", "q2", "a2", "next"]
+    tight = ChatHistory(HistoryOptions(max_turns=10, max_history_tokens=12), len)
+    tight.record("aaaa", "bbbb")
+    tight.record("cccc", "dddd")
+    assert [m["content"] for m in tight.prompt("x")][1:] == ["cccc", "dddd", "x"]
+
+
+def test_an_interrupted_reply_is_marked() -> None:
+    """A reply cut off by the user is kept marked as unfinished."""
+    history = ChatHistory(HistoryOptions(), len)
+    history.record("tell me", "Once upon a", interrupted=True)
+    assert history.prompt("go on")[2]["content"] == "Once upon a" + INTERRUPTED_MARK
