@@ -200,4 +200,14 @@ class TurnMetrics(Message):
         )
 
 
-Event: TypeAlias = SpeechStarted | SpeechStopped | TurnInterrupted | StageError | TurnMetrics
+Event: TypeAlias = (
+    SpeechStarted
+    | SpeechStopped
+    | Transcript
+    | ReplyText
+    | TurnInterrupted
+    | StageError
+    | TurnMetrics
+)
+"""What leaves the pipeline sideways. ``Transcript`` and ``ReplyText`` are also emitted as
+events when the LLM stage takes or makes them, so a client sees the conversation as it streams."""

@@ -189,6 +189,7 @@ class LlmStage(Stage[Transcript, ReplyText]):
         index = 0
         finished = False
         should_stop = ctx.cancellation.stop_check(item.generation)
+        ctx.emit(item)
 
         def chunk(text: str, is_last: bool) -> ReplyText:
             nonlocal clock, index
@@ -203,6 +204,7 @@ class LlmStage(Stage[Transcript, ReplyText]):
                 clock=clock,
             )
             index += 1
+            ctx.emit(out)
             return out
 
         try:

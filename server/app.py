@@ -1,0 +1,153 @@
+"""The s2s server: a WebSocket endpoint, one session (and pipeline) per connection, models
+loaded once and shared, ``GET /healthz`` on the same port."""
+
+from __future__ import annotations
+
+import http
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from websockets.http11 import Request, Response
+from websockets.sync.server import Server, ServerConnection, serve
+
+from pipeline.deadline import Deadline
+from pipeline.pipeline import Pipeline
+from server.protocol import MAX_FRAME_BYTES, CloseCodes
+from server.session import PipelineFactory, Session, SessionLimits
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8765
+CLOSE_TIMEOUT_S = 0.5
+"""How long a close waits for the client's closing handshake: shutdown must fit in 2 s."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token: str | None = None
+    max_sessions: int = 4
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    limits: SessionLimits = field(default_factory=SessionLimits)
+
+
+class S2SServer:
+    """``start()`` binds; ``serve_forever()`` blocks until ``shutdown()`` (from another thread)."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        build_pipeline: Callable[..., Pipeline],
+        models_info: dict[str, str],
+    ) -> None:
+        self.config = config
+        self._build_pipeline: PipelineFactory = build_pipeline
+        self._models_info = models_info
+        self._sessions: dict[str, Session] = {}
+        self._sessions_lock = threading.Lock()  # guards _sessions and _accepting
+        self._accepting = True
+        self._ids = itertools.count(1)
+        self._ws: Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._ws is not None, "start() first"
+        return int(self._ws.socket.getsockname()[1])
+
+    def start(self) -> None:
+        self._ws = serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._process_request,
+            max_size=self.config.max_frame_bytes,
+            close_timeout=CLOSE_TIMEOUT_S,
+            open_timeout=self.config.limits.handshake_timeout_s,
+            compression=None,  # PCM does not compress; deflate would only cost CPU
+        )
+
+    def serve_forever(self) -> None:
+        assert self._ws is not None, "start() first"
+        self._ws.serve_forever()
+
+    def shutdown(self, timeout_s: float = 1.5) -> list[str]:
+        """Stop accepting, tell every client, stop every pipeline, wait for the handlers.
+
+        Returns the names of handler threads still alive at the deadline. Idempotent.
+        """
+        deadline = Deadline(timeout_s)
+        with self._sessions_lock:
+            self._accepting = False
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.shutdown(CloseCodes.GOING_AWAY, "server shutting down")
+        if self._ws is None:
+            return []
+        closer = threading.Thread(
+            target=self._ws.shutdown,
+            kwargs={"code": CloseCodes.GOING_AWAY, "reason": "server shutting down"},
+            name="ws-shutdown",
+            # Daemon: it waits for handler threads with no timeout of its own; a stuck one is
+            # reported below by the deadline instead of holding the process.
+            daemon=True,
+        )
+        closer.start()
+        closer.join(deadline.remaining_s())
+        with self._ws.lock:
+            handlers = list(self._ws.handler_threads)
+        for thread in handlers:
+            thread.join(deadline.remaining_s())
+        return [t.name for t in handlers if t.is_alive()] + (
+            ["ws-shutdown"] if closer.is_alive() else []
+        )
+
+    @property
+    def session_count(self) -> int:
+        with self._sessions_lock:
+            return len(self._sessions)
+
+    # --- per connection -------------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/healthz":
+            return connection.respond(http.HTTPStatus.OK, "ok\n")
+        token = self.config.token
+        if token and request.headers.get("Authorization") != f"Bearer {token}":
+            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
+        return None
+
+    def _handle(self, connection: ServerConnection) -> None:
+        session_id = f"s{next(self._ids)}"
+        with self._sessions_lock:
+            refusal = None
+            if not self._accepting:
+                refusal = (CloseCodes.GOING_AWAY, "server shutting down")
+            elif len(self._sessions) >= self.config.max_sessions:
+                refusal = (
+                    CloseCodes.TRY_AGAIN_LATER,
+                    f"server busy: {self.config.max_sessions} sessions at most",
+                )
+            else:
+                session = Session(
+                    connection,
+                    session_id,
+                    self._build_pipeline,
+                    self.config.limits,
+                    self._models_info,
+                )
+                self._sessions[session_id] = session
+        if refusal is not None:
+            log.info("refused a connection: %s", refusal[1])
+            connection.close(*refusal)
+            return
+        log.info("session %s opened from %s", session_id, connection.remote_address)
+        try:
+            session.run()
+        finally:
+            with self._sessions_lock:
+                self._sessions.pop(session_id, None)
+            log.info("session %s closed", session_id)

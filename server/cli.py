@@ -1,0 +1,215 @@
+"""``s2s-server``: load the models once, then serve sessions until SIGINT or SIGTERM.
+
+Every option can also be set through an environment variable, ``S2S_`` plus the option's
+name in capitals with ``_`` for ``-`` (``--max-sessions`` is ``S2S_MAX_SESSIONS``); the command
+line wins. The Docker images use this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import replace
+from types import FrameType
+from typing import Any, NoReturn
+
+from models.errors import ModelUnavailable
+from models.llm import OpenAIOptions
+from models.profiles import LoadedModels, ModelProfile, load_models, profile_for
+from pipeline.history import HistoryOptions
+from pipeline.pipeline import Pipeline
+from server.app import DEFAULT_PORT, S2SServer, ServerConfig
+from server.assembly import build_session_pipeline
+from server.session import SessionLimits
+
+log = logging.getLogger("s2s.server")
+
+SHUTDOWN_TIMEOUT_S = 1.5
+"""Sessions and handlers get this long; the process exits within 2 s of the signal."""
+
+
+def env_default(name: str, fallback: str | None) -> str | None:
+    return os.environ.get("S2S_" + name.upper().replace("-", "_"), fallback)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="s2s-server",
+        description="Speech-to-speech voice assistant server: VAD -> STT -> LLM -> TTS, "
+        "over one WebSocket.",
+    )
+
+    def option(
+        name: str, help_text: str, default: str | None = None, choices: list[str] | None = None
+    ) -> None:
+        parser.add_argument(
+            f"--{name}", default=env_default(name, default), help=help_text, choices=choices
+        )
+
+    option(
+        "device",
+        "auto (cuda when available), cpu, cuda or mps; picks the model defaults",
+        "auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+    )
+    option("host", "address to bind (use 0.0.0.0 to serve other machines)", "127.0.0.1")
+    option(
+        "port", f"TCP port for WebSocket and /healthz (default {DEFAULT_PORT})", str(DEFAULT_PORT)
+    )
+    option("token", "require 'Authorization: Bearer TOKEN' from clients")
+    option("max-sessions", "refuse connections beyond this many (default 4)", "4")
+    option("idle-timeout-s", "close a connection silent this long (default 300)", "300")
+    option("stt-model", "faster-whisper size, hub id or directory (default: the device profile's)")
+    option("stt-language", "language code for STT, or 'auto' (default en)", "en")
+    option("llm-model", "transformers hub id or directory (default: the device profile's)")
+    option("llm-base-url", "use an OpenAI-compatible server (vLLM, llama.cpp, Ollama) at this URL")
+    option("llm-remote-model", "model name on that server", "default")
+    option("llm-api-key", "API key for that server", "")
+    option("max-new-tokens", "longest reply in tokens (default 64)", "64")
+    option("system-prompt", "the assistant's instructions", HistoryOptions().system_prompt)
+    option("tts-model", "piper:/path/voice.onnx, or a Parler-TTS hub id or directory")
+    option("voice-description", "Parler-TTS voice, described in words")
+    option("vad-threshold", "speech probability threshold (default 0.5)", "0.5")
+    option("min-silence-ms", "silence that ends a turn (default 500)", "500")
+    option("log-level", "DEBUG, INFO, WARNING or ERROR", "INFO")
+    return parser
+
+
+def profile_from_args(args: argparse.Namespace) -> ModelProfile:
+    profile = profile_for(args.device)
+    stt, llm, tts = profile.stt, profile.llm, profile.tts
+    if args.stt_model:
+        stt = replace(stt, model=args.stt_model)
+    stt = replace(stt, language=None if args.stt_language == "auto" else args.stt_language)
+    if args.llm_model:
+        llm = replace(llm, model=args.llm_model)
+    llm = replace(llm, max_new_tokens=int(args.max_new_tokens))
+    if args.tts_model:
+        tts = replace(tts, model=args.tts_model)
+    if args.voice_description:
+        tts = replace(tts, voice_description=args.voice_description)
+    vad = replace(
+        profile.vad, threshold=float(args.vad_threshold), min_silence_ms=int(args.min_silence_ms)
+    )
+    openai = None
+    if args.llm_base_url:
+        openai = OpenAIOptions(
+            base_url=args.llm_base_url,
+            model=args.llm_remote_model,
+            api_key=args.llm_api_key,
+            max_new_tokens=int(args.max_new_tokens),
+        )
+    return replace(profile, stt=stt, llm=llm, tts=tts, vad=vad, openai=openai)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        profile = profile_from_args(args)
+        began = time.monotonic()
+        models = load_models(profile)
+    except ModelUnavailable as exc:
+        print(f"s2s-server: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    log.info("models loaded in %.1f s (%s)", time.monotonic() - began, describe(models))
+    history = HistoryOptions(system_prompt=args.system_prompt)
+
+    def build(**kwargs: Any) -> Pipeline:
+        return build_session_pipeline(models, history_options=history, **kwargs)
+
+    config = ServerConfig(
+        host=args.host,
+        port=int(args.port),
+        token=args.token or None,
+        max_sessions=int(args.max_sessions),
+        limits=SessionLimits(idle_timeout_s=float(args.idle_timeout_s)),
+    )
+    server = S2SServer(config, build, models_info(models))
+    try:
+        server.start()
+    except OSError as exc:
+        print(
+            f"s2s-server: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
+        )
+        return 2
+    return serve_until_signalled(server, config)
+
+
+def serve_until_signalled(server: S2SServer, config: ServerConfig) -> NoReturn:
+    """Serve; the first SIGINT/SIGTERM shuts down within 2 s, a second exits at once."""
+    stopping = threading.Event()
+    finished = threading.Event()
+    left_behind: list[str] = []
+
+    def shut_down() -> None:
+        left_behind.extend(server.shutdown(SHUTDOWN_TIMEOUT_S))
+        finished.set()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stopping.is_set():
+            os._exit(128 + signum)  # second signal: no more waiting
+        stopping.set()
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        # Not in the handler itself: shutdown waits for serve_forever, which this thread runs.
+        threading.Thread(target=shut_down, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(
+        f"s2s-server listening on ws://{config.host}:{server.port} "
+        f"(health: http://{config.host}:{server.port}/healthz, {config.max_sessions} sessions max)",
+        flush=True,
+    )
+    server.serve_forever()
+    finished.wait(SHUTDOWN_TIMEOUT_S + 0.3)
+    stuck = left_behind + [
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and t.is_alive() and not t.daemon
+    ]
+    if stuck:
+        log.error("threads still alive at exit: %s", ", ".join(stuck))
+        logging.shutdown()
+        os._exit(1)  # they would hold the interpreter open: leave now, having said which
+    log.info("stopped cleanly")
+    # Every thread we started has been joined. What remains is the model libraries' teardown
+    # at interpreter exit (torch, CTranslate2, onnxruntime), which takes seconds and has
+    # nothing of ours to flush: leave now, or the 2 s a signal allows would be spent there.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def describe(models: LoadedModels) -> str:
+    return ", ".join(f"{k} {v}" for k, v in models_info(models).items())
+
+
+def models_info(models: LoadedModels) -> dict[str, str]:
+    profile = models.profile
+    llm = (
+        f"{profile.openai.model} at {profile.openai.base_url}"
+        if profile.openai
+        else profile.llm.model
+    )
+    return {
+        "device": profile.device,
+        "vad": "silero-vad",
+        "stt": profile.stt.model,
+        "llm": llm,
+        "tts": profile.tts.model,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

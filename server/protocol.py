@@ -1,0 +1,141 @@
+"""The s2s wire protocol, version 1: one WebSocket, binary frames for audio, text frames for
+JSON events. Pure: parsing and building messages, no sockets. See PROTOCOL.md beside this file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+PROTOCOL_VERSION: Final = 1
+SUPPORTED_SAMPLE_RATES_HZ: Final = frozenset({8_000, 16_000, 22_050, 24_000, 44_100, 48_000})
+DEFAULT_INPUT_RATE_HZ: Final = 16_000
+DEFAULT_OUTPUT_RATE_HZ: Final = 24_000
+MAX_FRAME_BYTES: Final = 256 * 1024
+"""Largest frame the server accepts: ~2.7 s of 48 kHz PCM16; clients send 20-100 ms frames."""
+
+
+class CloseCodes:
+    """WebSocket close codes the server uses, with the reason always set."""
+
+    NORMAL: Final = 1000
+    GOING_AWAY: Final = 1001  # server shutting down
+    PROTOCOL_ERROR: Final = 1002  # audio before hello, bad handshake
+    POLICY_VIOLATION: Final = 1008  # idle timeout
+    MESSAGE_TOO_BIG: Final = 1009
+    TRY_AGAIN_LATER: Final = 1013  # --max-sessions reached
+
+
+class ErrorCodes:
+    """``code`` values of ``error`` events."""
+
+    BAD_JSON: Final = "bad_json"
+    UNKNOWN_TYPE: Final = "unknown_type"
+    BAD_MESSAGE: Final = "bad_message"
+    NOT_READY: Final = "not_ready"
+    BAD_AUDIO: Final = "bad_audio"
+    UNSUPPORTED_RATE: Final = "unsupported_sample_rate"
+    UNSUPPORTED_VERSION: Final = "unsupported_protocol"
+    STAGE_FAILED: Final = "stage_failed"
+
+
+class ProtocolError(ValueError):
+    """A client message the server cannot accept; ``code`` is one of ``ErrorCodes``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The client's first message."""
+
+    protocol: int
+    input_sample_rate_hz: int
+    output_sample_rate_hz: int
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupt:
+    """Stop the current reply now."""
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """Finish the current reply, then close."""
+
+
+ClientMessage = Hello | Interrupt | End
+
+
+def parse_client_text(text: str) -> ClientMessage:
+    """One client text frame to a message, or ``ProtocolError`` saying what is wrong."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCodes.BAD_JSON, f"text frames must be JSON: {exc.msg}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise ProtocolError(ErrorCodes.BAD_MESSAGE, 'a message is a JSON object with a "type"')
+    kind = data["type"]
+    if kind == "hello":
+        return _parse_hello(data)
+    if kind == "interrupt":
+        return Interrupt()
+    if kind == "end":
+        return End()
+    raise ProtocolError(
+        ErrorCodes.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected hello, interrupt or end"
+    )
+
+
+def _parse_hello(data: dict[str, Any]) -> Hello:
+    version = data.get("protocol", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCodes.UNSUPPORTED_VERSION,
+            f"protocol {version!r} is not supported; this server speaks {PROTOCOL_VERSION}",
+        )
+    rates = []
+    for field in ("input_sample_rate", "output_sample_rate"):
+        default = DEFAULT_INPUT_RATE_HZ if field.startswith("input") else DEFAULT_OUTPUT_RATE_HZ
+        rate = data.get(field, default)
+        if (
+            not isinstance(rate, int)
+            or isinstance(rate, bool)
+            or rate not in SUPPORTED_SAMPLE_RATES_HZ
+        ):
+            supported = ", ".join(str(r) for r in sorted(SUPPORTED_SAMPLE_RATES_HZ))
+            raise ProtocolError(
+                ErrorCodes.UNSUPPORTED_RATE,
+                f"{field} {rate!r} is not supported; use one of {supported}",
+            )
+        rates.append(rate)
+    return Hello(PROTOCOL_VERSION, rates[0], rates[1])
+
+
+def check_audio_frame(data: bytes) -> None:
+    """PCM16 mono: an even number of bytes, at least one sample."""
+    if len(data) == 0 or len(data) % 2:
+        raise ProtocolError(
+            ErrorCodes.BAD_AUDIO,
+            f"audio frames are 16-bit PCM: an even, non-zero byte count (got {len(data)})",
+        )
+
+
+def event(kind: str, **fields: Any) -> str:
+    """A server event as a text frame."""
+    return json.dumps({"type": kind, **fields}, separators=(",", ":"))
+
+
+def hello(input_rate_hz: int, output_rate_hz: int) -> str:
+    """The client's hello as a text frame."""
+    return json.dumps(
+        {
+            "type": "hello",
+            "protocol": PROTOCOL_VERSION,
+            "input_sample_rate": input_rate_hz,
+            "output_sample_rate": output_rate_hz,
+        }
+    )
