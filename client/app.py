@@ -73,6 +73,7 @@ class VoiceClient:
         self._tracker = TurnTracker(source.sample_rate_hz)
         self._socket: socket.socket | None = None
         self._connection: ClientConnection | None = None
+        self._exit_stack = contextlib.ExitStack()  # holds the connection's context
         self._threads: list[threading.Thread] = []
         self._finished = threading.Event()
         self._outcome = ClientOutcome(0)
@@ -109,7 +110,7 @@ class VoiceClient:
                     self._socket.shutdown(socket.SHUT_RDWR)
             if self._connection is not None:
                 self._connection.close_timeout = 0
-                self._connection.close()
+            self._exit_stack.close()
             self._sink.close()
         me = threading.current_thread()
         for thread in self._threads:
@@ -148,14 +149,16 @@ class VoiceClient:
             ) from exc
         headers = {"Authorization": f"Bearer {self.config.token}"} if self.config.token else None
         try:
-            self._connection = connect(
-                self.config.url,
-                sock=self._socket,
-                additional_headers=headers,
-                open_timeout=CONNECT_TIMEOUT_S,
-                close_timeout=CLOSE_TIMEOUT_S,
-                compression=None,
-                max_size=protocol.MAX_FRAME_BYTES,
+            self._connection = self._exit_stack.enter_context(
+                connect(
+                    self.config.url,
+                    sock=self._socket,
+                    additional_headers=headers,
+                    open_timeout=CONNECT_TIMEOUT_S,
+                    close_timeout=CLOSE_TIMEOUT_S,
+                    compression=None,
+                    max_size=protocol.MAX_FRAME_BYTES,
+                )
             )
             self._connection.send(
                 protocol.hello(self._source.sample_rate_hz, self._sink.sample_rate_hz)

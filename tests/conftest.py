@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 
 from models.audio import resample
 from models.profiles import LoadedModels, load_models, profile_for
@@ -21,6 +23,23 @@ SPEECH_END_FRAME_SAMPLES = 160
 @pytest.fixture(scope="session")
 def cpu_models() -> LoadedModels:
     return load_models(profile_for("cpu"))
+
+
+@pytest.fixture(scope="session")
+def question_wav(cpu_models: LoadedModels, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """'What is the capital of France?' spoken by Piper, as a stereo 22.05 kHz WAV (the client
+    must convert rate and channels), with half a second of silence before."""
+    return spoken_wav(cpu_models, "What is the capital of France?", tmp_path_factory.mktemp("q"))
+
+
+def spoken_wav(models: LoadedModels, text: str, folder: Path) -> Path:
+    voice = models.tts
+    speech = np.concatenate(list(voice.stream(text, lambda: False)))
+    lead = np.zeros(voice.sample_rate_hz // 2, dtype=np.float32)
+    mono = np.concatenate([lead, speech])
+    path = folder / (text.lower().replace(" ", "-").strip("?.!") + ".wav")
+    soundfile.write(str(path), np.stack([mono, mono], axis=1), voice.sample_rate_hz)
+    return path
 
 
 def speech_with_silence(

@@ -1,0 +1,115 @@
+"""The server and client as a user runs them: real processes, real sockets, real signals."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import urllib.request
+from pathlib import Path
+
+import pytest
+import soundfile
+
+from models.audio import resample
+from models.profiles import LoadedModels
+from tests.processes import BIN, HANG_BOUND_S, Process, start_client, start_server
+
+pytestmark = pytest.mark.models
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z']+", text.lower()))
+
+
+def test_a_full_turn_from_file_to_saved_reply(
+    question_wav: Path, cpu_models: LoadedModels, tmp_path: Path
+) -> None:
+    """Question audio in, reply audio out: the JSON turn line has every field, the saved reply
+    transcribes back to words of the reply text, and /healthz answers."""
+    server, url = start_server()
+    try:
+        port = url.rsplit(":", 1)[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as health:
+            assert health.status == 200
+        reply_path = tmp_path / "reply.wav"
+        client = start_client(url, "--file", str(question_wav), "--save", str(reply_path))
+        assert client.proc.wait(timeout=120) == 0, client.stderr()
+    finally:
+        server.signal_and_time(signal.SIGTERM)
+    events = client.events()
+    [turn] = [e for e in events if e["type"] == "turn"]
+    print(json.dumps(turn))
+    assert {"capital", "france"} <= words(turn["user_text"])
+    assert "paris" in turn["assistant_text"].lower()
+    assert turn["voice_to_voice_ms"] > 0
+    assert set(turn["server"]) >= {
+        "end_of_turn_ms",
+        "stt_ms",
+        "llm_first_token_ms",
+        "tts_first_audio_ms",
+    }
+    kinds = [e["type"] for e in events]
+    for kind in (
+        "ready",
+        "speech_started",
+        "speech_stopped",
+        "transcript",
+        "reply_text",
+        "reply_audio_start",
+        "reply_audio_end",
+        "metrics",
+    ):
+        assert kind in kinds
+    audio, rate = soundfile.read(str(reply_path), dtype="float32")
+    assert rate == 24_000 and len(audio) > rate // 2
+    heard = cpu_models.stt.transcribe(resample(audio, rate, 16_000))
+    print(f"reply heard back: {heard!r}")
+    assert len(words(heard) & words(turn["assistant_text"])) >= 3
+
+
+def test_sigterm_mid_reply_stops_the_server_within_2s_and_tells_the_client(
+    question_wav: Path,
+) -> None:
+    """SIGTERM while a reply is being made: server exits 0 (every thread joined) within 2 s;
+    the client is told why and exits without a traceback."""
+    server, url = start_server()
+    client = start_client(url, "--file", str(question_wav))
+    client.wait_for_event("transcript", 60.0)
+    status, took = server.signal_and_time(signal.SIGTERM)
+    print(f"server exit {status} after {took * 1000:.0f} ms")
+    assert status == 0, server.stderr()
+    assert took < 2.0
+    assert client.proc.wait(timeout=HANG_BOUND_S) == 0
+    assert any(e["type"] == "bye" for e in client.events())
+    stderr = client.stderr()
+    assert "server shutting down" in stderr and "Traceback" not in stderr
+
+
+def test_an_unreachable_hub_model_fails_fast_with_one_clear_line() -> None:
+    """A hub id that is not cached, offline: exit 2 and a message naming the model and the
+    pre-download command, no traceback."""
+    server = Process(
+        [str(BIN / "s2s-server"), "--device", "cpu", "--llm-model", "Qwen/Qwen2.5-1.5B-Instruct"]
+    )
+    status = server.proc.wait(timeout=60)
+    stderr = server.stderr()
+    assert status == 2
+    assert "huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_client_without_server_says_so(question_wav: Path) -> None:
+    """Nothing listening: one line naming the URL, exit 1."""
+    client = start_client("ws://127.0.0.1:9", "--file", str(question_wav))
+    assert client.proc.wait(timeout=10) == 1
+    stderr = client.stderr()
+    assert "cannot connect to ws://127.0.0.1:9" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_client_with_a_missing_file_says_so(tmp_path: Path) -> None:
+    """A --file that does not exist: exit 2 naming it."""
+    client = start_client("ws://127.0.0.1:9", "--file", str(tmp_path / "nope.wav"))
+    assert client.proc.wait(timeout=10) == 2
+    assert "no such file" in client.stderr()

@@ -1,0 +1,278 @@
+"""Sessions over real loopback sockets against an in-process server on the real CPU models:
+separate histories, the session limit, the token, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from client.app import ClientConfig, VoiceClient
+from client.audio import FileSource, NullSink
+from models.audio import to_pcm16
+from models.profiles import LoadedModels
+from pipeline.pipeline import Pipeline
+from pipeline.stages import LlmStage
+from server.app import S2SServer, ServerConfig
+from server.assembly import build_session_pipeline
+from server.protocol import CloseCodes
+from server.session import SessionLimits
+from tests.conftest import spoken_wav
+
+pytestmark = pytest.mark.models
+
+TOKEN = "let-me-in"
+SETTLE_BOUND_S = 5.0
+
+
+class Running:
+    """An S2SServer serving on a thread, with the pipelines it built."""
+
+    def __init__(self, models: LoadedModels, max_sessions: int, token: str | None = None) -> None:
+        self.pipelines: list[Pipeline] = []
+
+        def build(**kwargs: Any) -> Pipeline:
+            pipeline = build_session_pipeline(models, **kwargs)
+            self.pipelines.append(pipeline)
+            return pipeline
+
+        config = ServerConfig(
+            port=0,
+            max_sessions=max_sessions,
+            token=token,
+            max_frame_bytes=64 * 1024,
+            limits=SessionLimits(handshake_timeout_s=2.0),
+        )
+        self.server = S2SServer(config, build, {"device": "cpu"})
+        self.server.start()
+        self.url = f"ws://127.0.0.1:{self.server.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, name="test-server")
+        self._thread.start()
+
+    def stop(self) -> None:
+        assert self.server.shutdown(2.0) == []
+        self._thread.join(5.0)
+
+
+@pytest.fixture
+def running(cpu_models: LoadedModels) -> Iterator[Running]:
+    baseline = threading.active_count()
+    server = Running(cpu_models, max_sessions=2, token=TOKEN)
+    yield server
+    server.stop()
+    assert settle(lambda: threading.active_count() <= baseline), "threads left behind"
+
+
+def settle(condition: Any) -> bool:
+    deadline = time.monotonic() + SETTLE_BOUND_S
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return bool(condition())
+
+
+def raw(url: str, token: str | None = TOKEN) -> ClientConnection:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    # legacy=True: websockets' documented way to hold a connection outside a with-block.
+    return connect(url, additional_headers=headers, close_timeout=1, open_timeout=5, legacy=True)
+
+
+def hello(connection: ClientConnection, **fields: Any) -> dict[str, Any]:
+    connection.send(
+        json.dumps(
+            {
+                "type": "hello",
+                "protocol": 1,
+                "input_sample_rate": 16000,
+                "output_sample_rate": 16000,
+                **fields,
+            }
+        )
+    )
+    answer: dict[str, Any] = json.loads(connection.recv(timeout=5))
+    return answer
+
+
+def next_event(connection: ClientConnection, kind: str) -> dict[str, Any]:
+    while True:
+        message = connection.recv(timeout=10)
+        if isinstance(message, str):
+            event: dict[str, Any] = json.loads(message)
+            if event["type"] == kind:
+                return event
+
+
+def converse(url: str, wav: Path) -> list[dict[str, Any]]:
+    """One headless client session with a file; returns its events."""
+    events: list[dict[str, Any]] = []
+    client = VoiceClient(
+        ClientConfig(url=url, token=TOKEN, exit_after_reply=True),
+        FileSource(wav, 16_000),
+        NullSink(16_000),
+        events.append,
+    )
+    try:
+        outcome = client.run()
+    finally:
+        assert client.close() == []
+    assert outcome.exit_code == 0, outcome.message
+    return events
+
+
+def test_two_sessions_at_once_keep_separate_histories(
+    running: Running, cpu_models: LoadedModels, question_wav: Path, tmp_path: Path
+) -> None:
+    """Two clients talk at the same time; each session's history holds only its own turn."""
+    other_wav = spoken_wav(cpu_models, "What color is the sky?", tmp_path)
+    results: dict[str, list[dict[str, Any]]] = {}
+    threads = [
+        threading.Thread(
+            target=lambda n=name, w=wav: results.__setitem__(n, converse(running.url, w))
+        )
+        for name, wav in (("france", question_wav), ("sky", other_wav))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert set(results) == {"france", "sky"}
+    histories = []
+    for pipeline in running.pipelines:
+        stage = pipeline.runners[2].stage
+        assert isinstance(stage, LlmStage)
+        histories.append([m["content"].lower() for m in stage.history.prompt("next")[1:-1]])
+    assert len(histories) == 2
+    france = [h for h in histories if any("france" in m for m in h)]
+    sky = [h for h in histories if any("sky" in m for m in h)]
+    assert len(france) == 1 and len(sky) == 1 and france[0] is not sky[0]
+    assert not any("sky" in m for m in france[0])
+    assert not any("france" in m for m in sky[0])
+
+
+def test_a_session_beyond_max_sessions_is_refused_with_a_reason(running: Running) -> None:
+    """With two sessions open, a third is closed with 1013 and says why."""
+    first, second = raw(running.url), raw(running.url)
+    hello(first)
+    hello(second)
+    third = raw(running.url)
+    with pytest.raises(ConnectionClosed) as closed:
+        third.recv(timeout=5)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == CloseCodes.TRY_AGAIN_LATER
+    assert "2 sessions at most" in closed.value.rcvd.reason
+    first.close()
+    second.close()
+
+
+def test_a_wrong_token_is_refused_in_the_handshake(running: Running) -> None:
+    """HTTP 401 before any WebSocket exists."""
+    with pytest.raises(InvalidStatus) as refused:
+        raw(running.url, token="wrong")
+    assert refused.value.response.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("send", "code"),
+    [
+        ("not json at all", "bad_json"),
+        (json.dumps({"type": "dance"}), "unknown_type"),
+        (json.dumps(["no", "type"]), "bad_message"),
+        (b"\x01\x02\x03", "bad_audio"),
+    ],
+    ids=["non-json", "unknown-type", "no-type", "odd-length-audio"],
+)
+def test_bad_messages_get_an_error_event_and_the_session_goes_on(
+    running: Running, send: str | bytes, code: str
+) -> None:
+    """The error event names the problem; the same session then still accepts audio."""
+    connection = raw(running.url)
+    assert hello(connection)["type"] == "ready"
+    connection.send(send)
+    error = next_event(connection, "error")
+    assert error["code"] == code and error["message"]
+    connection.send(to_pcm16(np.zeros(512, dtype=np.float32)))
+    connection.send(json.dumps({"type": "interrupt"}))
+    assert next_event(connection, "interrupted")["reason"] == "client interrupt"
+    connection.close()
+
+
+def test_audio_before_hello_is_refused(running: Running) -> None:
+    """An error event, then close 1002 with the reason."""
+    connection = raw(running.url)
+    connection.send(to_pcm16(np.zeros(512, dtype=np.float32)))
+    assert json.loads(connection.recv(timeout=5))["code"] == "not_ready"
+    with pytest.raises(ConnectionClosed) as closed:
+        connection.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == CloseCodes.PROTOCOL_ERROR
+    assert "hello" in closed.value.rcvd.reason
+
+
+def test_an_unsupported_sample_rate_is_refused(running: Running) -> None:
+    """hello with 12345 Hz: an error listing the supported rates, then close 1002."""
+    connection = raw(running.url)
+    answer = hello(connection, input_sample_rate=12345)
+    assert answer["code"] == "unsupported_sample_rate" and "16000" in answer["message"]
+    with pytest.raises(ConnectionClosed):
+        connection.recv(timeout=5)
+
+
+def test_an_oversized_frame_closes_only_that_session(running: Running) -> None:
+    """A frame over the size limit closes the session with 1009; another session is unharmed."""
+    bystander = raw(running.url)
+    hello(bystander)
+    connection = raw(running.url)
+    hello(connection)
+    connection.send(b"\x00" * (128 * 1024))
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            connection.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == CloseCodes.MESSAGE_TOO_BIG
+    bystander.send(json.dumps({"type": "interrupt"}))
+    assert next_event(bystander, "interrupted")
+    bystander.close()
+
+
+def test_after_every_bad_input_a_normal_turn_works_and_nothing_is_left(
+    cpu_models: LoadedModels, question_wav: Path
+) -> None:
+    """All the bad inputs in a row, then a normal turn; threads and sessions back to baseline."""
+    baseline = threading.active_count()
+    server = Running(cpu_models, max_sessions=2, token=TOKEN)
+    try:
+        for bad in ("not json", json.dumps({"type": "dance"}), b"\x01"):
+            connection = raw(server.url)
+            hello(connection)
+            connection.send(bad)
+            next_event(connection, "error")
+            connection.close()
+        early = raw(server.url)
+        early.send(b"\x00\x00")
+        with pytest.raises(ConnectionClosed):
+            while True:
+                early.recv(timeout=5)
+        with pytest.raises(InvalidStatus):
+            raw(server.url, token=None)
+        big = raw(server.url)
+        hello(big)
+        big.send(b"\x00" * (128 * 1024))
+        with pytest.raises(ConnectionClosed):
+            while True:
+                big.recv(timeout=5)
+        assert settle(lambda: server.server.session_count == 0)
+        events = converse(server.url, question_wav)
+        [turn] = [e for e in events if e["type"] == "turn"]
+        assert "paris" in turn["assistant_text"].lower()
+    finally:
+        server.stop()
+    assert settle(lambda: threading.active_count() <= baseline), [
+        t.name for t in threading.enumerate()
+    ]
