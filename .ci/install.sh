@@ -21,14 +21,24 @@ quiet_pip() {
     "$venv/bin/pip" install --quiet "$@" 2> >(grep -v "^WARNING: Location" >&2)
 }
 
-# System libraries: PortAudio lets sounddevice import. Only as root with apt, and only if missing.
-if ! ldconfig -p 2>/dev/null | grep -q libportaudio.so.2; then
+# System packages: PortAudio lets sounddevice import; the tests also run the client through
+# PulseAudio's virtual devices. Only as root with apt, and only what is missing.
+apt_packages=()
+ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || apt_packages+=(libportaudio2)
+if [[ $dev == 1 ]]; then
+    command -v pulseaudio >/dev/null || apt_packages+=(pulseaudio)
+    command -v paplay >/dev/null || apt_packages+=(pulseaudio-utils)
+    [[ -e /usr/lib/x86_64-linux-gnu/alsa-lib/libasound_module_pcm_pulse.so ]] \
+        || dpkg -s libasound2-plugins >/dev/null 2>&1 || apt_packages+=(libasound2-plugins)
+fi
+if (( ${#apt_packages[@]} )); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-        echo "[install] apt: libportaudio2"
+        echo "[install] apt: ${apt_packages[*]}"
         apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libportaudio2 >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            "${apt_packages[@]}" >/dev/null
     else
-        echo "[install] note: libportaudio2 is missing; s2s-client needs it (apt-get install libportaudio2)" >&2
+        echo "[install] note: missing system packages: ${apt_packages[*]} (apt-get install them)" >&2
     fi
 fi
 

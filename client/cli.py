@@ -79,8 +79,9 @@ def device(value: str | None) -> str | int | None:
 class Printer:
     """Human-readable conversation, or one JSON line per event with --json."""
 
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, from_microphone: bool) -> None:
         self._as_json = as_json
+        self._prompt = "speak now (Ctrl+C to stop)" if from_microphone else "streaming the file"
         self._replying = False
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -91,7 +92,7 @@ class Printer:
         if kind == "ready":
             print(
                 f"connected (session {event.get('session_id')}; "
-                f"models: {event.get('models')}); speak now",
+                f"models: {event.get('models')}); {self._prompt}",
                 flush=True,
             )
         elif kind == "transcript":
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         source,
         recorder or sink,
-        Printer(args.json),
+        Printer(args.json, from_microphone=args.file is None),
     )
 
     def exit_now(signum: int, _frame: FrameType | None) -> None:
