@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "\nOn your own machines:\n"
         "  s2s-server --device cuda --host 0.0.0.0     # on the GPU host (or --device cpu)\n"
-        "  s2s-client --url ws://GPU-HOST:8765         # on your laptop: speak, listen, Ctrl+C to stop"
+        "  s2s-client --url ws://GPU-HOST:8765         # on your laptop; Ctrl+C to stop"
     )
     return 0
 
