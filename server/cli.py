@@ -33,8 +33,14 @@ SHUTDOWN_TIMEOUT_S = 1.5
 """Sessions and handlers get this long; the process exits within 2 s of the signal."""
 
 
+def env_var(option: str) -> str:
+    """The environment variable that sets ``--option``."""
+    return "S2S_" + option.upper().replace("-", "_")
+
+
 def env_default(name: str, fallback: str | None) -> str | None:
-    return os.environ.get("S2S_" + name.upper().replace("-", "_"), fallback)
+    # Empty counts as unset, so a compose file can pass ${S2S_X:-} through untouched.
+    return os.environ.get(env_var(name)) or fallback
 
 
 def build_parser() -> argparse.ArgumentParser:
