@@ -49,6 +49,8 @@ class ClientConfig:
     half_duplex: bool = False
     exit_after_reply: bool = False
     """Headless file mode: exit once the speech in the file has been answered."""
+    baseline: bool = False
+    """Ask for the benchmark's baseline pipeline (no overlaps between stages)."""
 
 
 @dataclass
@@ -161,7 +163,9 @@ class VoiceClient:
                 )
             )
             self._connection.send(
-                protocol.hello(self._source.sample_rate_hz, self._sink.sample_rate_hz)
+                protocol.hello(
+                    self._source.sample_rate_hz, self._sink.sample_rate_hz, self.config.baseline
+                )
             )
             ready = json.loads(self._connection.recv(timeout=CONNECT_TIMEOUT_S))
         except InvalidStatus as exc:

@@ -55,7 +55,7 @@ ABBREVIATIONS = frozenset(
 class ChunkerOptions:
     first_chunk_min_words: int = 3
     """A clause boundary ends the first chunk only once it holds at least this many words."""
-    first_chunk_max_words: int = 12
+    first_chunk_max_words: int = 7
     """Past this many words with no boundary, the first chunk is cut at the last whole word,
     so a long opening sentence does not hold back the first audio."""
 

@@ -95,6 +95,9 @@ class SpeechSegment(Message):
     end_sample_index: int
     """The exact input-stream sample where speech ended (before end-of-turn silence)."""
     clock: TurnClock
+    provisional: bool = False
+    """Sent while the end-of-turn silence is still being waited for, so STT can start early;
+    the final segment (same audio) follows if the silence lasts."""
 
 
 # --- edge: STT -> LLM ---------------------------------------------------------------------

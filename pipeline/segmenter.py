@@ -35,6 +35,10 @@ class VadOptions:
     """Audio kept on each side of a segment."""
     max_speech_s: float = 30.0
     """A segment is cut here even without silence (Whisper's window is 30 s)."""
+    pause_after_ms: int | None = 100
+    """Report a ``VadPaused`` this long into a silence (at least ``speech_pad_ms``), so the
+    segment can be transcribed while the end-of-turn silence is still being waited for.
+    None: never."""
 
     def samples(self, ms: float) -> int:
         return int(ms * VAD_SAMPLE_RATE_HZ / 1000)
@@ -57,7 +61,17 @@ class VadEnded:
     """True when cut by ``max_speech_s`` rather than by silence."""
 
 
-VadEvent = VadStarted | VadEnded
+@dataclass(frozen=True, slots=True)
+class VadPaused:
+    """The speech may have ended: the segment as ``VadEnded`` will carry it if the silence
+    lasts, so work on it can start early. Discarded if speech resumes."""
+
+    samples: Samples
+    start_sample_index: int
+    speech_end_sample_index: int
+
+
+VadEvent = VadStarted | VadPaused | VadEnded
 
 
 class VadSegmenter:
@@ -74,7 +88,13 @@ class VadSegmenter:
         self._audio_start = 0  # stream index of self._audio[0]
         self._speech_start: int | None = None  # a candidate or confirmed onset
         self._confirmed = False
-        self._silence_start: int | None = None
+        self._speech_end: int | None = None  # set while silence follows confirmed speech
+        self._paused_at: int | None = None  # the speech end a VadPaused was sent for
+        self._pause_after = (
+            None
+            if options.pause_after_ms is None
+            else max(self._pad, options.samples(options.pause_after_ms))
+        )
 
     @property
     def in_speech(self) -> bool:
@@ -86,7 +106,7 @@ class VadSegmenter:
         window_end = window_start + len(window)
         events: list[VadEvent] = []
         if probability >= self._options.threshold:
-            self._silence_start = None
+            self._speech_end = None
             if self._speech_start is None:
                 self._speech_start = window_start
             if not self._confirmed and window_end - self._speech_start >= self._min_speech:
@@ -95,30 +115,47 @@ class VadSegmenter:
         elif probability < self._negative_threshold and self._speech_start is not None:
             if not self._confirmed:
                 self._speech_start = None  # a blip shorter than min_speech_ms
-            elif self._silence_start is None:
-                self._silence_start = window_start
+            elif self._speech_end is None:
+                # Silence is counted from where the speech really stopped, not from where the
+                # model's probability fell (two or three windows later).
+                self._speech_end = self._refine_end(window_start)
         if self._confirmed and self._speech_start is not None:
-            if (
-                self._silence_start is not None
-                and window_end - self._silence_start >= self._min_silence
-            ):
-                events.append(self._end(self._silence_start, forced=False))
+            silence = None if self._speech_end is None else window_end - self._speech_end
+            if silence is not None and silence >= self._min_silence:
+                events.append(self._end(forced=False))
             elif window_end - self._speech_start >= self._max_speech:
-                events.append(self._end(window_end, forced=True))
+                self._speech_end = window_end
+                events.append(self._end(forced=True))
+            elif (
+                silence is not None
+                and self._pause_after is not None
+                and self._paused_at != self._speech_end
+                and silence >= self._pause_after
+            ):
+                self._paused_at = self._speech_end
+                events.append(VadPaused(*self._cut()))
         self._trim(window_end)
         return events
 
-    def _end(self, speech_end: int, forced: bool) -> VadEnded:
-        assert self._speech_start is not None
-        if not forced:
-            speech_end = self._refine_end(speech_end)
-        start = max(self._audio_start, self._speech_start - self._pad)
-        stop = speech_end + self._pad
-        samples = self._audio[start - self._audio_start : stop - self._audio_start].copy()
+    def _end(self, forced: bool) -> VadEnded:
+        ended = VadEnded(*self._cut(), forced)
         self._speech_start = None
         self._confirmed = False
-        self._silence_start = None
-        return VadEnded(samples, start, speech_end, forced)
+        self._speech_end = None
+        self._paused_at = None
+        return ended
+
+    def _cut(self) -> tuple[Samples, int, int]:
+        """The segment's audio, its first sample, and where its speech ended."""
+        assert self._speech_start is not None and self._speech_end is not None
+        speech_end = self._speech_end
+        start = max(self._audio_start, self._speech_start - self._pad)
+        stop = speech_end + self._pad
+        return (
+            self._audio[start - self._audio_start : stop - self._audio_start].copy(),
+            start,
+            speech_end,
+        )
 
     def _refine_end(self, vad_end: int) -> int:
         """The last frame, shortly before ``vad_end``, loud enough to be speech."""

@@ -28,7 +28,7 @@ from pipeline.messages import (
     TurnClock,
     TurnMetrics,
 )
-from pipeline.segmenter import VadEnded, VadEvent
+from pipeline.segmenter import VadEvent, VadPaused, VadStarted
 from pipeline.stage import Stage, StageContext
 
 # --- what the stages need from the models (see models/) -------------------------------------
@@ -91,16 +91,19 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
         chunk_end = item.first_sample_index + len(item.samples)
         for event in self._vad.push(item.samples):
             index = (
-                event.speech_end_sample_index if isinstance(event, VadEnded) else event.sample_index
+                event.sample_index
+                if isinstance(event, VadStarted)
+                else event.speech_end_sample_index
             )
             # When that sample reached us: the chunk's arrival, less the audio after it.
             at = item.received_at - (chunk_end - index) / self._sample_rate_hz
-            turn_id, generation = self._next_turn_id, ctx.cancellation.generation
-            if not isinstance(event, VadEnded):
+            session_id, turn_id = ctx.session_id, self._next_turn_id
+            generation = ctx.cancellation.generation
+            if isinstance(event, VadStarted):
                 self._speech_started_at = at
                 ctx.emit(
                     SpeechStarted(
-                        session_id=ctx.session_id,
+                        session_id=session_id,
                         turn_id=turn_id,
                         generation=generation,
                         sample_index=index,
@@ -108,18 +111,20 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
                     )
                 )
                 continue
-            ctx.emit(
-                SpeechStopped(
-                    session_id=ctx.session_id,
-                    turn_id=turn_id,
-                    generation=generation,
-                    sample_index=index,
-                    at=at,
+            provisional = isinstance(event, VadPaused)
+            if not provisional:
+                ctx.emit(
+                    SpeechStopped(
+                        session_id=session_id,
+                        turn_id=turn_id,
+                        generation=generation,
+                        sample_index=index,
+                        at=at,
+                    )
                 )
-            )
-            self._next_turn_id += 1
+                self._next_turn_id += 1
             yield SpeechSegment(
-                session_id=ctx.session_id,
+                session_id=session_id,
                 turn_id=turn_id,
                 generation=generation,
                 samples=event.samples,
@@ -129,24 +134,37 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
                 clock=TurnClock(
                     speech_started_at=self._speech_started_at,
                     speech_ended_at=at,
-                    end_of_turn_at=time.monotonic(),
+                    end_of_turn_at=None if provisional else time.monotonic(),
                 ),
+                provisional=provisional,
             )
 
 
-# --- STT ------------------------------------------------------------------------------------
-
-
 class SttStage(Stage[SpeechSegment, Transcript]):
+    """Transcribes each final segment. A provisional segment (sent as the silence began) is
+    transcribed ahead and its text kept: when the final segment with the same audio arrives,
+    the text is ready, and the end-of-turn wait has hidden the transcription."""
+
     name = "stt"
 
     def __init__(self, transcriber: Transcriber, model_lock: threading.Lock | None = None) -> None:
         self._transcriber = transcriber
         self._model_lock = model_lock
+        self._ahead: tuple[tuple[int, int], str] | None = None
+        self.reused_ahead = 0
+        """Final segments whose text was already transcribed ahead (for tests and metrics)."""
 
     def handle(self, item: SpeechSegment, ctx: StageContext) -> Iterator[Transcript]:
-        with _shared(self._model_lock):
-            text = self._transcriber.transcribe(item.samples)
+        span = (item.start_sample_index, item.end_sample_index)
+        if item.provisional:
+            self._ahead = (span, self._transcribe(item.samples))
+            return
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == span:
+            text = ahead[1]
+            self.reused_ahead += 1
+        else:
+            text = self._transcribe(item.samples)
         if not text:
             return  # noise that looked like speech: no turn
         yield Transcript(
@@ -157,6 +175,10 @@ class SttStage(Stage[SpeechSegment, Transcript]):
             clock=item.clock.stamp(transcribed_at=time.monotonic()),
         )
 
+    def _transcribe(self, samples: Samples) -> str:
+        with _shared(self._model_lock):
+            return self._transcriber.transcribe(samples)
+
 
 # --- LLM ------------------------------------------------------------------------------------
 
@@ -165,7 +187,8 @@ class LlmStage(Stage[Transcript, ReplyText]):
     """Streams the reply through the speakable-chunk splitter and keeps the session's history.
 
     The turn's last ``ReplyText`` has ``is_last=True`` (its text may be empty), so the TTS
-    stage knows where the reply ends without waiting for another chunk.
+    stage knows where the reply ends without waiting for another chunk. With ``whole_reply``
+    (the benchmark's baseline) the reply goes out as one chunk once it is complete.
     """
 
     name = "llm"
@@ -176,11 +199,13 @@ class LlmStage(Stage[Transcript, ReplyText]):
         history: ChatHistory,
         chunker_options: ChunkerOptions | None = None,
         model_lock: threading.Lock | None = None,
+        whole_reply: bool = False,
     ) -> None:
         self._backend = backend
         self.history = history
         self._chunker_options = chunker_options
         self._model_lock = model_lock
+        self._whole_reply = whole_reply
 
     def handle(self, item: Transcript, ctx: StageContext) -> Iterator[ReplyText]:
         chunker = SpeakableChunker(self._chunker_options)
@@ -212,9 +237,10 @@ class LlmStage(Stage[Transcript, ReplyText]):
                 for delta in self._backend.stream(self.history.prompt(item.text), should_stop):
                     clock = clock.stamp(first_token_at=time.monotonic())
                     reply.append(delta)
-                    for text in chunker.push(delta):
-                        yield chunk(text, is_last=False)
-            rest = chunker.finish()
+                    if not self._whole_reply:
+                        for text in chunker.push(delta):
+                            yield chunk(text, is_last=False)
+            rest = ["".join(reply).strip()] if self._whole_reply else chunker.finish()
             yield chunk(rest[0] if rest else "", is_last=True)
             finished = True
         finally:
@@ -229,6 +255,8 @@ class TtsStage(Stage[ReplyText, ReplyAudio]):
     """Speaks each reply chunk as it comes; resamples to the session's output rate.
 
     Emits ``TurnMetrics`` with the turn's first audio, when every stage's time is known.
+    With ``whole_reply`` (the benchmark's baseline) each chunk's audio is synthesised in full
+    before any of it is sent.
     """
 
     name = "tts"
@@ -239,7 +267,9 @@ class TtsStage(Stage[ReplyText, ReplyAudio]):
         output_rate_hz: int,
         make_resampler: Callable[[int, int], Resampler],
         model_lock: threading.Lock | None = None,
+        whole_reply: bool = False,
     ) -> None:
+        self._whole_reply = whole_reply
         self._synthesizer = synthesizer
         self._output_rate_hz = output_rate_hz
         self._make_resampler = make_resampler
@@ -250,17 +280,23 @@ class TtsStage(Stage[ReplyText, ReplyAudio]):
         should_stop = ctx.cancellation.stop_check(item.generation)
         resampler = self._make_resampler(self._synthesizer.sample_rate_hz, self._output_rate_hz)
         if item.text:
-            with _shared(self._model_lock):
-                for samples in self._synthesizer.stream(item.text, should_stop):
-                    audio = resampler.push(samples)
-                    if len(audio):
-                        yield self._audio(item, audio, is_last=False, ctx=ctx)
-            tail = resampler.push(np.zeros(0, dtype=np.float32), last=True)
-            if len(tail):
-                yield self._audio(item, tail, is_last=False, ctx=ctx)
+            pieces = self._speak(item.text, resampler, should_stop)
+            if self._whole_reply:
+                pieces = iter([np.concatenate(list(pieces) or [np.zeros(0, dtype=np.float32)])])
+            for audio in pieces:
+                if len(audio):
+                    yield self._audio(item, audio, is_last=False, ctx=ctx)
         if item.is_last:
             self._turns_with_audio.discard((item.turn_id, item.generation))
             yield self._audio(item, np.zeros(0, dtype=np.float32), is_last=True, ctx=ctx)
+
+    def _speak(
+        self, text: str, resampler: Resampler, should_stop: Callable[[], bool]
+    ) -> Iterator[Samples]:
+        with _shared(self._model_lock):
+            for samples in self._synthesizer.stream(text, should_stop):
+                yield resampler.push(samples)
+        yield resampler.push(np.zeros(0, dtype=np.float32), last=True)
 
     def _audio(
         self, item: ReplyText, samples: Samples, is_last: bool, ctx: StageContext

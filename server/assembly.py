@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from models.audio import StreamResampler
@@ -26,14 +27,24 @@ def build_session_pipeline(
     on_event: Callable[[Event], None],
     history_options: HistoryOptions | None = None,
     chunker_options: ChunkerOptions | None = None,
+    baseline: bool = False,
 ) -> Pipeline:
-    """A new pipeline with its own VAD state and history; the models are shared."""
+    """A new pipeline with its own VAD state and history; the models are shared.
+
+    ``baseline`` turns off the overlaps (the whole reply, then its whole synthesis), as the
+    simplest cascade would run: the benchmark compares it with the streaming pipeline.
+    """
     history = ChatHistory(history_options or HistoryOptions(), models.llm.count_tokens)
+    vad_options = models.profile.vad
+    if baseline:
+        vad_options = replace(vad_options, pause_after_ms=None)  # no transcription ahead
     stages: list[Stage[Any, Any]] = [
-        VadStage(StreamingVad(models.vad, models.profile.vad), VAD_SAMPLE_RATE_HZ),
+        VadStage(StreamingVad(models.vad, vad_options), VAD_SAMPLE_RATE_HZ),
         SttStage(models.stt, models.stt_lock),
-        LlmStage(models.llm, history, chunker_options, models.llm_lock),
-        TtsStage(models.tts, output_rate_hz, StreamResampler, models.tts_lock),
+        LlmStage(models.llm, history, chunker_options, models.llm_lock, whole_reply=baseline),
+        TtsStage(
+            models.tts, output_rate_hz, StreamResampler, models.tts_lock, whole_reply=baseline
+        ),
     ]
     return Pipeline(
         stages,

@@ -55,6 +55,8 @@ class Hello:
     protocol: int
     input_sample_rate_hz: int
     output_sample_rate_hz: int
+    baseline: bool = False
+    """``options.pipeline == "baseline"``: no overlaps between stages (for benchmarks)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +114,14 @@ def _parse_hello(data: dict[str, Any]) -> Hello:
                 f"{field} {rate!r} is not supported; use one of {supported}",
             )
         rates.append(rate)
-    return Hello(PROTOCOL_VERSION, rates[0], rates[1])
+    options = data.get("options", {})
+    pipeline = options.get("pipeline", "streaming") if isinstance(options, dict) else None
+    if pipeline not in ("streaming", "baseline"):
+        raise ProtocolError(
+            ErrorCodes.BAD_MESSAGE,
+            'hello "options" is an object; its "pipeline" is "streaming" or "baseline"',
+        )
+    return Hello(PROTOCOL_VERSION, rates[0], rates[1], baseline=pipeline == "baseline")
 
 
 def check_audio_frame(data: bytes) -> None:
@@ -129,7 +138,7 @@ def event(kind: str, **fields: Any) -> str:
     return json.dumps({"type": kind, **fields}, separators=(",", ":"))
 
 
-def hello(input_rate_hz: int, output_rate_hz: int) -> str:
+def hello(input_rate_hz: int, output_rate_hz: int, baseline: bool = False) -> str:
     """The client's hello as a text frame."""
     return json.dumps(
         {
@@ -137,5 +146,6 @@ def hello(input_rate_hz: int, output_rate_hz: int) -> str:
             "protocol": PROTOCOL_VERSION,
             "input_sample_rate": input_rate_hz,
             "output_sample_rate": output_rate_hz,
+            "options": {"pipeline": "baseline" if baseline else "streaming"},
         }
     )

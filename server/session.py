@@ -38,6 +38,9 @@ from server.protocol import CloseCodes, End, ErrorCodes, Hello, Interrupt, Proto
 log = logging.getLogger(__name__)
 
 PipelineFactory = Callable[..., Pipeline]
+OUTPUT_FRAME_MS = 100
+"""Reply audio goes out in frames of at most this much: far below the frame-size limit, and
+small enough that an interrupted reply leaves little audio in flight."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,7 @@ class Session:
         self._pipeline = self._build_pipeline(
             session_id=self.session_id,
             output_rate_hz=message.output_sample_rate_hz,
+            baseline=message.baseline,
             deliver=self._deliver,
             on_event=self._on_event,
         )
@@ -131,6 +135,7 @@ class Session:
                 session_id=self.session_id,
                 input_sample_rate=message.input_sample_rate_hz,
                 output_sample_rate=message.output_sample_rate_hz,
+                options={"pipeline": "baseline" if message.baseline else "streaming"},
                 models=self._models_info,
             )
         )
@@ -207,8 +212,9 @@ class Session:
             if key not in self._replies_started:
                 self._replies_started.add(key)
                 self._send_locked(protocol.event("reply_audio_start", turn_id=item.turn_id))
-            if len(item.samples):
-                self._send_locked(to_pcm16(item.samples))
+            frame = max(1, item.sample_rate_hz * OUTPUT_FRAME_MS // 1000)
+            for start in range(0, len(item.samples), frame):
+                self._send_locked(to_pcm16(item.samples[start : start + frame]))
             if item.is_last:
                 self._replies_started.discard(key)
                 self._send_locked(protocol.event("reply_audio_end", turn_id=item.turn_id))

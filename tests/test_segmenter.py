@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.history import INTERRUPTED_MARK, ChatHistory, HistoryOptions
-from pipeline.segmenter import VadEnded, VadEvent, VadOptions, VadSegmenter, VadStarted
+from pipeline.segmenter import (
+    VadEnded,
+    VadEvent,
+    VadOptions,
+    VadPaused,
+    VadSegmenter,
+    VadStarted,
+)
 
 WINDOW = 512  # 32 ms at 16 kHz
 LOUD = 0.3
@@ -29,8 +36,8 @@ def test_one_utterance_gives_start_then_end_at_the_last_loud_sample() -> None:
     """Speech for 20 windows then silence: started at its first window, ended where loud stops."""
     options = VadOptions(min_speech_ms=100, min_silence_ms=300, speech_pad_ms=0)
     events = run([0.0] * 5 + [0.9] * 20 + [0.0] * 15, options)
-    assert [type(e) for e in events] == [VadStarted, VadEnded]
-    started, ended = events
+    assert [type(e) for e in events] == [VadStarted, VadPaused, VadEnded]
+    started, _, ended = events
     assert isinstance(started, VadStarted) and isinstance(ended, VadEnded)
     assert started.sample_index == 5 * WINDOW
     assert ended.speech_end_sample_index == 25 * WINDOW
@@ -48,6 +55,24 @@ def test_end_is_refined_to_the_audio_when_the_model_lags() -> None:
     assert ended.speech_end_sample_index == 25 * WINDOW
 
 
+def test_a_pause_carries_the_same_segment_as_the_end_that_follows() -> None:
+    """VadPaused comes pause_after_ms into the silence with exactly the final segment."""
+    options = VadOptions(min_speech_ms=100, min_silence_ms=500, speech_pad_ms=64, pause_after_ms=96)
+    events = run([0.0] * 5 + [0.9] * 20 + [0.0] * 20, options)
+    paused, ended = events[1], events[2]
+    assert isinstance(paused, VadPaused) and isinstance(ended, VadEnded)
+    assert paused.start_sample_index == ended.start_sample_index
+    assert paused.speech_end_sample_index == ended.speech_end_sample_index
+    assert np.array_equal(paused.samples, ended.samples)
+
+
+def test_no_pause_events_when_turned_off() -> None:
+    """pause_after_ms=None: only start and end."""
+    options = VadOptions(min_speech_ms=100, min_silence_ms=300, pause_after_ms=None)
+    events = run([0.9] * 10 + [0.0] * 20, options)
+    assert [type(e) for e in events] == [VadStarted, VadEnded]
+
+
 def test_a_blip_shorter_than_min_speech_is_ignored() -> None:
     """Two windows (64 ms) of speech-like sound with min_speech_ms=250 produce no event."""
     assert run([0.0] * 5 + [0.9] * 2 + [0.0] * 20, VadOptions(min_speech_ms=250)) == []
@@ -57,7 +82,7 @@ def test_a_short_pause_does_not_end_the_turn() -> None:
     """A pause shorter than min_silence_ms keeps one segment."""
     options = VadOptions(min_speech_ms=100, min_silence_ms=500, speech_pad_ms=0)
     events = run([0.9] * 10 + [0.0] * 8 + [0.9] * 10 + [0.0] * 20, options)
-    assert [type(e) for e in events] == [VadStarted, VadEnded]
+    assert [type(e) for e in events] == [VadStarted, VadPaused, VadPaused, VadEnded]
 
 
 def test_padding_is_kept_on_both_sides() -> None:
