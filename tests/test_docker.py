@@ -3,10 +3,13 @@ run, and that the image installs with the README's own install script."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import time
 import tomllib
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ import pytest
 import yaml
 
 from server.cli import build_parser, env_var
+from tests.processes import free_port, start_client
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -111,3 +115,63 @@ def test_images_install_with_the_readme_script_and_run_unprivileged(dockerfile: 
     assert text.index("--deps-only") < text.index("COPY pipeline/")
     assert re.search(r"^USER s2s$", text, re.MULTILINE)
     assert "HEALTHCHECK" in text and "/healthz" in text
+
+
+def docker_engine() -> str | None:
+    """Why the image cannot be built here, or None when it can."""
+    try:
+        info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "no docker client"
+    if info.returncode != 0:
+        return "no Docker engine is running"
+    return None
+
+
+@pytest.mark.skipif(docker_engine() is not None, reason=f"{docker_engine()}: image not built")
+def test_cpu_image_builds_and_serves_a_turn(question_wav: Path, tmp_path: Path) -> None:
+    """Build the CPU image (BASE_IMAGE from S2S_DOCKER_BASE_IMAGE, for registries of your
+    own), run it, and hold a real turn against it with the client."""
+    base = os.environ.get("S2S_DOCKER_BASE_IMAGE", "python:3.11-slim-bookworm")
+    have_base = subprocess.run(["docker", "image", "inspect", base], capture_output=True).returncode
+    if have_base != 0 and subprocess.run(["docker", "pull", base], capture_output=True).returncode:
+        pytest.skip(f"base image {base} is neither local nor pullable")
+    tag = "s2s:cpu-test"
+    build = subprocess.run(
+        [
+            "docker",
+            "build",
+            "-f",
+            str(DOCKER / "Dockerfile.cpu"),
+            "--build-arg",
+            f"BASE_IMAGE={base}",
+            "-t",
+            tag,
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    port = free_port()
+    container = subprocess.run(
+        ["docker", "run", "-d", "--rm", "-p", f"127.0.0.1:{port}:8765", tag],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the container never became healthy"
+                time.sleep(2)
+        client = start_client(f"ws://127.0.0.1:{port}", "--file", str(question_wav))
+        assert client.proc.wait(timeout=120) == 0, client.stderr()
+        assert any(e["type"] == "turn" for e in client.events())
+    finally:
+        subprocess.run(["docker", "stop", "-t", "2", container], capture_output=True)

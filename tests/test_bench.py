@@ -1,0 +1,63 @@
+"""s2s-bench end to end: spawns its own server, runs both pipelines, writes JSON and a chart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.processes import BIN
+
+pytestmark = pytest.mark.models
+
+STAGES = (
+    "end_of_turn_ms",
+    "stt_ms",
+    "llm_first_token_ms",
+    "llm_first_chunk_ms",
+    "tts_first_audio_ms",
+    "transport_ms",
+    "voice_to_voice_ms",
+)
+
+
+def test_bench_spawns_a_server_and_reports_every_stage(tmp_path: Path) -> None:
+    """Per-turn and summary figures for every stage, for streaming and baseline, and a PNG."""
+    out, chart = tmp_path / "r.json", tmp_path / "r.png"
+    done = subprocess.run(
+        [
+            str(BIN / "s2s-bench"),
+            "--spawn-server",
+            "--device",
+            "cpu",
+            "--runs",
+            "1",
+            "--questions",
+            "2",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+            "--plot",
+            str(chart),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    print(done.stdout[-3000:])
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert set(results["modes"]) == {"streaming", "baseline"}
+    assert results["models"]["llm"] and results["machine"]
+    for mode in results["modes"].values():
+        assert len(mode["turns"]) == 2 and mode["summary"]["failed"] == 0
+        for turn in mode["turns"]:
+            assert all(isinstance(turn[stage], int | float) for stage in STAGES)
+        for stage in STAGES:
+            figures = mode["summary"][stage]
+            assert figures["p50"] <= figures["p90"] <= figures["p95"] <= figures["max"]
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "voice_to_voice_ms" in done.stdout  # the table
