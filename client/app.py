@@ -82,6 +82,7 @@ class VoiceClient:
         self._close_lock = threading.Lock()  # guards _closed
         self._closed = False
         self._server_said_bye = False
+        self._reply_started_at_sample = 0
 
     # --- running --------------------------------------------------------------------------
 
@@ -247,8 +248,10 @@ class VoiceClient:
         kind = event.get("type")
         if kind == "bye":
             self._server_said_bye = True
-        if kind == "interrupted":
-            self._sink.flush()
+        elif kind == "reply_audio_start":
+            self._reply_started_at_sample = self._sink.played_samples()
+        elif kind == "interrupted":
+            self._stop_playback(event.get("turn_id"))
         elif kind == "reply_audio_end":
             end = getattr(self._sink, "end_of_reply", None)
             if end is not None:
@@ -257,6 +260,23 @@ class VoiceClient:
         for turn in self._tracker.on_event(event):
             self._outcome.turns.append(turn)
             self._report(turn)
+
+    def _stop_playback(self, turn_id: object) -> None:
+        """Drop what is not yet played, and tell the server how much was (it keeps only the
+        heard part of the reply in the conversation)."""
+        self._sink.flush()
+        if not isinstance(turn_id, int) or turn_id < 0 or self._connection is None:
+            return
+        played = self._sink.played_samples() - self._reply_started_at_sample
+        played_ms = 1000.0 * played / self._sink.sample_rate_hz
+        with contextlib.suppress(ConnectionClosed):
+            self._connection.send(protocol.playback(turn_id, played_ms))
+
+    def interrupt(self) -> None:
+        """Stop the assistant's reply now (what the interrupt key does)."""
+        if self._connection is not None:
+            with contextlib.suppress(ConnectionClosed):
+                self._connection.send(protocol.event("interrupt"))
 
 
 def _close_text(exc: ConnectionClosed) -> str:

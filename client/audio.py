@@ -53,6 +53,10 @@ class Sink(Protocol):
         """Seconds of audio written and not yet played."""
         ...
 
+    def played_samples(self) -> int:
+        """Samples played so far, all replies together."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -150,16 +154,21 @@ class MicrophoneSource:
 
 
 class NullSink:
-    """Plays nothing (headless); with ``record=True`` keeps what it was given."""
+    """Plays nothing (headless): everything written counts as played at once (the server
+    paces replies to real time, so that is close to what a speaker would have played)."""
 
     def __init__(self, sample_rate_hz: int) -> None:
         self.sample_rate_hz = sample_rate_hz
+        self._written = 0
 
     def start(self) -> None:
         pass
 
     def write(self, samples: Samples) -> None:
-        pass
+        self._written += len(samples)
+
+    def played_samples(self) -> int:
+        return self._written
 
     def flush(self) -> None:
         pass
@@ -189,7 +198,7 @@ class SpeakerSink:
         self._buffer_lock = threading.Lock()  # guards _buffer, _buffered, _playing
         self._playing = False
         self._stream: Any = None
-        self.played_samples = 0
+        self._played = 0
 
     def start(self) -> None:
         sd = require("sounddevice", "sounddevice", "The speaker")
@@ -219,7 +228,7 @@ class SpeakerSink:
                 else:
                     self._buffer[0] = head[take:]
             self._buffered -= filled
-            self.played_samples += filled
+            self._played += filled
             if not self._buffer:
                 self._playing = False  # underrun or end: wait for the jitter buffer again
 
@@ -245,6 +254,10 @@ class SpeakerSink:
     def pending_s(self) -> float:
         with self._buffer_lock:
             return self._buffered / self.sample_rate_hz
+
+    def played_samples(self) -> int:
+        with self._buffer_lock:
+            return self._played
 
     def close(self) -> None:
         stream, self._stream = self._stream, None
@@ -275,6 +288,9 @@ class RecordingSink:
 
     def pending_s(self) -> float:
         return self._inner.pending_s()
+
+    def played_samples(self) -> int:
+        return self._inner.played_samples()
 
     def end_of_reply(self) -> None:
         end = getattr(self._inner, "end_of_reply", None)

@@ -25,6 +25,7 @@ from client.audio import (
     SpeakerSink,
     list_devices,
 )
+from client.keys import InterruptKey
 from models.errors import ModelUnavailable
 from server import protocol
 
@@ -115,6 +116,9 @@ class Printer:
                 file=sys.stderr,
                 flush=True,
             )
+        elif kind == "interrupted":
+            self._replying = False
+            print(" [interrupted]", flush=True)
         elif kind == "bye":
             print(f"\nserver: {event.get('reason')}", file=sys.stderr, flush=True)
 
@@ -162,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     def exit_now(signum: int, _frame: FrameType | None) -> None:
         os._exit(128 + signum)  # a second Ctrl+C while closing: leave at once
 
+    key = InterruptKey(client.interrupt) if args.file is None and sys.stdin.isatty() else None
+    if key is not None:
+        key.start()
+        print("press Enter to interrupt the assistant", file=sys.stderr)
     code = 0
     try:
         outcome = client.run()
@@ -180,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     finally:
         signal.signal(signal.SIGINT, exit_now)
+        if key is not None:
+            key.close()
         stuck = client.close()
         if stuck:
             print(f"s2s-client: threads still alive at exit: {', '.join(stuck)}", file=sys.stderr)

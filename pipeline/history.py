@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypedDict
@@ -24,33 +25,69 @@ class HistoryOptions:
     """Token budget for the kept exchanges (the system prompt and new question not counted)."""
 
 
+@dataclass
+class _Exchange:
+    turn_id: int
+    user: str
+    reply: str
+
+
 class ChatHistory:
-    """Exchanges so far; ``prompt()`` builds the messages for the next reply. Not thread-safe:
-    one session's LLM stage owns it."""
+    """Exchanges so far; ``prompt()`` builds the messages for the next reply.
+
+    Thread-safe: the LLM stage records replies, the session amends them with what the user
+    actually heard when a reply is interrupted (that report may arrive before or after the
+    LLM stage records the reply: an amendment that comes first waits for its exchange).
+    """
 
     def __init__(self, options: HistoryOptions, count_tokens: Callable[[str], int]) -> None:
         self._options = options
         self._count_tokens = count_tokens
-        self._exchanges: list[tuple[str, str]] = []
+        self._exchanges_lock = threading.Lock()  # guards _exchanges and _heard
+        self._exchanges: list[_Exchange] = []
+        self._heard: dict[int, str] = {}
 
     def prompt(self, user_text: str) -> list[ChatMessage]:
         messages: list[ChatMessage] = [{"role": "system", "content": self._options.system_prompt}]
-        for user, assistant in self._exchanges:
-            messages.append({"role": "user", "content": user})
-            messages.append({"role": "assistant", "content": assistant})
+        with self._exchanges_lock:
+            for exchange in self._exchanges:
+                messages.append({"role": "user", "content": exchange.user})
+                messages.append({"role": "assistant", "content": exchange.reply})
         messages.append({"role": "user", "content": user_text})
         return messages
 
-    def record(self, user_text: str, reply_text: str, interrupted: bool = False) -> None:
-        """Keep one exchange: only what the user heard of the reply, marked if cut off."""
-        reply = reply_text.strip() + (INTERRUPTED_MARK if interrupted else "")
-        self._exchanges.append((user_text.strip(), reply))
+    def record(
+        self, user_text: str, reply_text: str, interrupted: bool = False, turn_id: int = -1
+    ) -> None:
+        """Keep one exchange, marked if cut off; if the user was reported to have heard only
+        part of this turn's reply, only that part is kept."""
+        with self._exchanges_lock:
+            heard = self._heard.pop(turn_id, None)
+            if heard is not None:
+                reply_text, interrupted = heard, True
+            reply = reply_text.strip() + (INTERRUPTED_MARK if interrupted else "")
+            self._exchanges.append(_Exchange(turn_id, user_text.strip(), reply))
+            self._trim()
+
+    def amend_heard(self, turn_id: int, heard_text: str) -> None:
+        """The user heard only ``heard_text`` of turn ``turn_id``'s reply (it was interrupted)."""
+        with self._exchanges_lock:
+            for exchange in reversed(self._exchanges):
+                if exchange.turn_id == turn_id:
+                    exchange.reply = heard_text.strip() + INTERRUPTED_MARK
+                    return
+            self._heard[turn_id] = heard_text
+
+    def _trim(self) -> None:
         self._exchanges = self._exchanges[-self._options.max_turns :]
         while self._exchanges and self._tokens() > self._options.max_history_tokens:
             self._exchanges.pop(0)
 
     def _tokens(self) -> int:
-        return sum(self._count_tokens(u) + self._count_tokens(a) for u, a in self._exchanges)
+        return sum(
+            self._count_tokens(e.user) + self._count_tokens(e.reply) for e in self._exchanges
+        )
 
     def __len__(self) -> int:
-        return len(self._exchanges)
+        with self._exchanges_lock:
+            return len(self._exchanges)

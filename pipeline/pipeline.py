@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.cancellation import TurnCancellation
 from pipeline.deadline import Deadline
@@ -29,6 +29,8 @@ from pipeline.messages import Event, Message, Pill, StageError, TurnInterrupted
 from pipeline.stage import Stage, StageContext, StageRunner
 
 log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=Stage[Any, Any])
 
 DEFAULT_STOP_TIMEOUT_S = 2.0
 
@@ -143,6 +145,13 @@ class Pipeline:
             )
         )
         return generation
+
+    def stage(self, kind: type[S]) -> S:
+        """The pipeline's stage of the given type (the first, if several)."""
+        for runner in self.runners:
+            if isinstance(runner.stage, kind):
+                return runner.stage
+        raise LookupError(f"{self.name} has no {kind.__name__}")
 
     # --- internals ------------------------------------------------------------------------
 

@@ -27,8 +27,9 @@ END_LEVEL_DB = -26.0
 @dataclass(frozen=True, slots=True)
 class VadOptions:
     threshold: float = 0.5
-    min_speech_ms: int = 250
-    """Speech must last this long before it counts (and ``speech started`` is reported)."""
+    min_speech_ms: int = 300
+    """Speech must last this long before it counts (and ``speech started`` is reported):
+    it is also the shortest speech that interrupts a reply, so coughs and blips do not."""
     min_silence_ms: int = 500
     """Silence after speech that ends the turn."""
     speech_pad_ms: int = 100

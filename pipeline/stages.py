@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.chunker import ChunkerOptions, SpeakableChunker
+from pipeline.echo import EchoGate
 from pipeline.history import ChatHistory, ChatMessage
 from pipeline.messages import (
     AudioChunk,
@@ -28,7 +29,7 @@ from pipeline.messages import (
     TurnClock,
     TurnMetrics,
 )
-from pipeline.segmenter import VadEvent, VadPaused, VadStarted
+from pipeline.segmenter import VadEnded, VadEvent, VadPaused, VadStarted
 from pipeline.stage import Stage, StageContext
 
 # --- what the stages need from the models (see models/) -------------------------------------
@@ -77,11 +78,16 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
     # start of the next turn.
     accepts_stale_input = True
 
-    def __init__(self, vad: VoiceActivity, sample_rate_hz: int) -> None:
+    def __init__(
+        self, vad: VoiceActivity, sample_rate_hz: int, echo_gate: EchoGate | None = None
+    ) -> None:
         self._vad = vad
         self._sample_rate_hz = sample_rate_hz
+        self._echo_gate = echo_gate
         self._next_turn_id = 0
         self._speech_started_at: float | None = None
+        self._ignoring_echo = False
+        self.echoes_ignored = 0
 
     def handle(self, item: AudioChunk, ctx: StageContext) -> Iterator[SpeechSegment]:
         if item.sample_rate_hz != self._sample_rate_hz:
@@ -89,6 +95,8 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
                 f"VAD expects {self._sample_rate_hz} Hz audio, got {item.sample_rate_hz} Hz"
             )
         chunk_end = item.first_sample_index + len(item.samples)
+        if self._echo_gate is not None:
+            self._echo_gate.heard(item.samples, item.received_at)
         for event in self._vad.push(item.samples):
             index = (
                 event.sample_index
@@ -99,6 +107,13 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
             at = item.received_at - (chunk_end - index) / self._sample_rate_hz
             session_id, turn_id = ctx.session_id, self._next_turn_id
             generation = ctx.cancellation.generation
+            if isinstance(event, VadStarted) and self._is_echo(at, item.received_at):
+                self._ignoring_echo = True  # the assistant hearing itself: not a turn
+                self.echoes_ignored += 1
+                continue
+            if self._ignoring_echo:
+                self._ignoring_echo = not isinstance(event, VadEnded)
+                continue
             if isinstance(event, VadStarted):
                 self._speech_started_at = at
                 ctx.emit(
@@ -138,6 +153,9 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
                 ),
                 provisional=provisional,
             )
+
+    def _is_echo(self, onset_at: float, now: float) -> bool:
+        return self._echo_gate is not None and self._echo_gate.is_echo(onset_at, now)
 
 
 class SttStage(Stage[SpeechSegment, Transcript]):
@@ -245,7 +263,9 @@ class LlmStage(Stage[Transcript, ReplyText]):
             finished = True
         finally:
             # Runs on a normal end and when the runner abandons this generator (cancellation).
-            self.history.record(item.text, "".join(reply), interrupted=not finished)
+            self.history.record(
+                item.text, "".join(reply), interrupted=not finished, turn_id=item.turn_id
+            )
 
 
 # --- TTS ------------------------------------------------------------------------------------

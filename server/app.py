@@ -14,6 +14,7 @@ from websockets.http11 import Request, Response
 from websockets.sync.server import Server, ServerConnection, serve
 
 from pipeline.deadline import Deadline
+from pipeline.echo import EchoOptions
 from pipeline.pipeline import Pipeline
 from server.protocol import MAX_FRAME_BYTES, CloseCodes
 from server.session import PipelineFactory, Session, SessionLimits
@@ -33,6 +34,9 @@ class ServerConfig:
     max_sessions: int = 4
     max_frame_bytes: int = MAX_FRAME_BYTES
     limits: SessionLimits = field(default_factory=SessionLimits)
+    echo: EchoOptions | None = field(default_factory=EchoOptions)
+    """How the assistant's own voice in the microphone is told from the user's; None: off
+    (every onset during a reply interrupts it)."""
 
 
 class S2SServer:
@@ -138,6 +142,7 @@ class S2SServer:
                     self._build_pipeline,
                     self.config.limits,
                     self._models_info,
+                    self.config.echo,
                 )
                 self._sessions[session_id] = session
         if refusal is not None:

@@ -10,6 +10,7 @@ from models.audio import StreamResampler
 from models.profiles import LoadedModels
 from models.vad import StreamingVad
 from pipeline.chunker import ChunkerOptions
+from pipeline.echo import EchoGate
 from pipeline.history import ChatHistory, HistoryOptions
 from pipeline.messages import Event, Message
 from pipeline.pipeline import Pipeline
@@ -28,6 +29,7 @@ def build_session_pipeline(
     history_options: HistoryOptions | None = None,
     chunker_options: ChunkerOptions | None = None,
     baseline: bool = False,
+    echo_gate: EchoGate | None = None,
 ) -> Pipeline:
     """A new pipeline with its own VAD state and history; the models are shared.
 
@@ -39,7 +41,7 @@ def build_session_pipeline(
     if baseline:
         vad_options = replace(vad_options, pause_after_ms=None)  # no transcription ahead
     stages: list[Stage[Any, Any]] = [
-        VadStage(StreamingVad(models.vad, vad_options), VAD_SAMPLE_RATE_HZ),
+        VadStage(StreamingVad(models.vad, vad_options), VAD_SAMPLE_RATE_HZ, echo_gate),
         SttStage(models.stt, models.stt_lock),
         LlmStage(models.llm, history, chunker_options, models.llm_lock, whole_reply=baseline),
         TtsStage(

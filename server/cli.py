@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from models.errors import ModelUnavailable
 from models.llm import OpenAIOptions
 from models.profiles import LoadedModels, ModelProfile, load_models, profile_for
+from pipeline.echo import EchoOptions
 from pipeline.history import HistoryOptions
 from pipeline.pipeline import Pipeline
 from server.app import DEFAULT_PORT, S2SServer, ServerConfig
@@ -82,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     option("voice-description", "Parler-TTS voice, described in words")
     option("vad-threshold", "speech probability threshold (default 0.5)", "0.5")
     option("min-silence-ms", "silence that ends a turn (default 500)", "500")
+    option(
+        "min-speech-ms",
+        "speech that starts a turn, or interrupts a reply (default 300: coughs do not)",
+        "300",
+    )
+    option(
+        "echo-ratio",
+        "during a reply, speech interrupts only if the mic is louder than this times the "
+        "reply's level (default 0.5, -6 dB; 0: any speech interrupts)",
+        "0.5",
+    )
     option("log-level", "DEBUG, INFO, WARNING or ERROR", "INFO")
     return parser
 
@@ -100,7 +112,10 @@ def profile_from_args(args: argparse.Namespace) -> ModelProfile:
     if args.voice_description:
         tts = replace(tts, voice_description=args.voice_description)
     vad = replace(
-        profile.vad, threshold=float(args.vad_threshold), min_silence_ms=int(args.min_silence_ms)
+        profile.vad,
+        threshold=float(args.vad_threshold),
+        min_silence_ms=int(args.min_silence_ms),
+        min_speech_ms=int(args.min_speech_ms),
     )
     openai = None
     if args.llm_base_url:
@@ -138,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         port=int(args.port),
         token=args.token or None,
         max_sessions=int(args.max_sessions),
+        echo=EchoOptions(ratio=float(args.echo_ratio)) if float(args.echo_ratio) > 0 else None,
         limits=SessionLimits(idle_timeout_s=float(args.idle_timeout_s)),
     )
     server = S2SServer(config, build, models_info(models))

@@ -69,7 +69,15 @@ class End:
     """Finish the current reply, then close."""
 
 
-ClientMessage = Hello | Interrupt | End
+@dataclass(frozen=True, slots=True)
+class Playback:
+    """How much of a reply the client played before it stopped (after ``interrupted``)."""
+
+    turn_id: int
+    played_ms: float
+
+
+ClientMessage = Hello | Interrupt | End | Playback
 
 
 def parse_client_text(text: str) -> ClientMessage:
@@ -87,8 +95,16 @@ def parse_client_text(text: str) -> ClientMessage:
         return Interrupt()
     if kind == "end":
         return End()
+    if kind == "playback":
+        turn_id, played_ms = data.get("turn_id"), data.get("played_ms")
+        if not isinstance(turn_id, int) or not isinstance(played_ms, int | float) or played_ms < 0:
+            raise ProtocolError(
+                ErrorCodes.BAD_MESSAGE, "playback needs an integer turn_id and played_ms >= 0"
+            )
+        return Playback(turn_id, float(played_ms))
     raise ProtocolError(
-        ErrorCodes.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected hello, interrupt or end"
+        ErrorCodes.UNKNOWN_TYPE,
+        f"unknown message type {kind!r}; expected hello, interrupt, playback or end",
     )
 
 
@@ -136,6 +152,11 @@ def check_audio_frame(data: bytes) -> None:
 def event(kind: str, **fields: Any) -> str:
     """A server event as a text frame."""
     return json.dumps({"type": kind, **fields}, separators=(",", ":"))
+
+
+def playback(turn_id: int, played_ms: float) -> str:
+    """The client's playback report as a text frame."""
+    return json.dumps({"type": "playback", "turn_id": turn_id, "played_ms": round(played_ms, 1)})
 
 
 def hello(input_rate_hz: int, output_rate_hz: int, baseline: bool = False) -> str:

@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection
 
 from models.audio import StreamResampler, from_pcm16, to_pcm16
+from pipeline.echo import EchoGate, EchoOptions
 from pipeline.messages import (
     AudioChunk,
     Event,
@@ -32,8 +33,10 @@ from pipeline.messages import (
 )
 from pipeline.pipeline import Pipeline
 from pipeline.segmenter import VAD_SAMPLE_RATE_HZ
+from pipeline.stages import LlmStage
 from server import protocol
-from server.protocol import CloseCodes, End, ErrorCodes, Hello, Interrupt, ProtocolError
+from server.playback import ReplyLedger
+from server.protocol import CloseCodes, End, ErrorCodes, Hello, Interrupt, Playback, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,25 @@ PipelineFactory = Callable[..., Pipeline]
 OUTPUT_FRAME_MS = 100
 """Reply audio goes out in frames of at most this much: far below the frame-size limit, and
 small enough that an interrupted reply leaves little audio in flight."""
+PACE_AHEAD_S = 0.3
+"""Reply audio is sent at most this far ahead of where the client's playback is, so what was
+sent is close to what was heard, and an interruption leaves little to flush."""
+PLAYBACK_SLACK_S = 0.2
+"""After its last frame is due to play, a reply counts as playing this much longer (the
+client's jitter buffer and the sound card)."""
+
+
+@dataclass
+class _Timeline:
+    """The reply audio being sent: when the client started playing it, how much was sent."""
+
+    turn_id: int
+    generation: int
+    started_at: float | None = None
+    sent_s: float = 0.0
+
+    def ends_at(self) -> float:
+        return (self.started_at or time.monotonic()) + self.sent_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +86,7 @@ class Session:
         build_pipeline: PipelineFactory,
         limits: SessionLimits,
         models_info: dict[str, str],
+        echo_options: EchoOptions | None = None,
     ) -> None:
         self.session_id = session_id
         self._connection = connection
@@ -77,6 +100,13 @@ class Session:
         self._send_lock = threading.Lock()  # keeps an event and its audio frames in order
         self._replies_started: set[tuple[int, int]] = set()
         self._closing = threading.Event()
+        self._echo_gate = EchoGate(echo_options) if echo_options is not None else None
+        self._ledger = ReplyLedger()
+        self._pacing_wake = threading.Event()  # set to cut a pacing wait short
+        self._reply_lock = threading.Lock()  # guards the three fields below
+        self._active_turn: int | None = None  # a reply is being made or played for this turn
+        self._playing_until: float | None = None  # when its audio ends at the client
+        self._timeline: _Timeline | None = None  # the reply audio being sent
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -96,6 +126,7 @@ class Session:
         if self._closing.is_set():
             return
         self._closing.set()
+        self._pacing_wake.set()
         self._send(protocol.event("bye", reason=reason))
         self._close(code, reason)
 
@@ -124,6 +155,7 @@ class Session:
             session_id=self.session_id,
             output_rate_hz=message.output_sample_rate_hz,
             baseline=message.baseline,
+            echo_gate=self._echo_gate,
             deliver=self._deliver,
             on_event=self._on_event,
         )
@@ -158,8 +190,9 @@ class Session:
                 self._error(exc.code, str(exc))
                 continue
             if isinstance(parsed, Interrupt):
-                assert self._pipeline is not None
-                self._pipeline.cancel_turn("client interrupt")
+                self._interrupt("client interrupt", force=True)
+            elif isinstance(parsed, Playback):
+                self._on_playback(parsed)
             elif isinstance(parsed, End):
                 self._finish_and_close()
                 return
@@ -196,6 +229,7 @@ class Session:
         self._close(CloseCodes.NORMAL, "end")
 
     def _teardown(self) -> None:
+        self._pacing_wake.set()
         if self._pipeline is not None:
             report = self._pipeline.cancel(self._limits.cancel_timeout_s)
             if report.stuck_threads:
@@ -205,21 +239,107 @@ class Session:
     # --- outgoing -------------------------------------------------------------------------
 
     def _deliver(self, item: Message) -> None:
+        """Send reply audio paced to the client's playback (runs on the pipeline's sink
+        thread; a pacing wait is cut short by an interruption or a close)."""
         if not isinstance(item, ReplyAudio):
             return
+        assert self._pipeline is not None
+        cancellation = self._pipeline.cancellation
         key = (item.turn_id, item.generation)
         with self._send_lock:
             if key not in self._replies_started:
                 self._replies_started.add(key)
+                with self._reply_lock:
+                    self._timeline = _Timeline(item.turn_id, item.generation)
+                    self._playing_until = None
+                self._pacing_wake.clear()
                 self._send_locked(protocol.event("reply_audio_start", turn_id=item.turn_id))
-            frame = max(1, item.sample_rate_hz * OUTPUT_FRAME_MS // 1000)
-            for start in range(0, len(item.samples), frame):
-                self._send_locked(to_pcm16(item.samples[start : start + frame]))
-            if item.is_last:
+        frame = max(1, item.sample_rate_hz * OUTPUT_FRAME_MS // 1000)
+        for start in range(0, len(item.samples), frame):
+            samples = item.samples[start : start + frame]
+            plays_at = self._pace(item.sample_rate_hz)
+            if cancellation.is_stale(item.generation) or self._closing.is_set():
+                return
+            if self._echo_gate is not None:
+                self._echo_gate.played(samples, plays_at, item.sample_rate_hz)
+            self._ledger.sent(
+                item.turn_id, item.chunk_index, item.text, len(samples), item.sample_rate_hz
+            )
+            with self._send_lock:
+                self._send_locked(to_pcm16(samples))
+            with self._reply_lock:
+                if self._timeline is not None:
+                    self._timeline.sent_s += len(samples) / item.sample_rate_hz
+        if item.is_last:
+            with self._send_lock:
                 self._replies_started.discard(key)
-                self._send_locked(protocol.event("reply_audio_end", turn_id=item.turn_id))
+                if not cancellation.is_stale(item.generation):
+                    self._send_locked(protocol.event("reply_audio_end", turn_id=item.turn_id))
+            with self._reply_lock:
+                timeline = self._timeline
+                if timeline is not None and timeline.generation == item.generation:
+                    self._playing_until = timeline.ends_at() + PLAYBACK_SLACK_S
+
+    def _pace(self, rate_hz: int) -> float:
+        """Wait until the next frame may be sent; return when it will start to play."""
+        with self._reply_lock:
+            timeline = self._timeline
+            assert timeline is not None
+            now = time.monotonic()
+            if timeline.started_at is None or timeline.ends_at() < now:
+                # First frame, or the client ran dry (synthesis slower than playback): its
+                # playback resumes when this frame arrives.
+                timeline.started_at = now - timeline.sent_s
+            plays_at = timeline.ends_at()
+        ahead = plays_at - time.monotonic() - PACE_AHEAD_S
+        if ahead > 0:
+            self._pacing_wake.wait(ahead)
+        return plays_at
+
+    # --- interruptions ----------------------------------------------------------------------
+
+    def _assistant_active(self) -> bool:
+        with self._reply_lock:
+            if self._active_turn is None:
+                return False
+            return self._playing_until is None or time.monotonic() < self._playing_until
+
+    def _interrupt(self, reason: str, force: bool = False) -> None:
+        """Abandon the current reply: every stage drops it, the pacing wait ends, and the
+        client is told (``interrupted``) so it flushes what it has not played."""
+        if not force and not self._assistant_active():
+            return
+        with self._reply_lock:
+            turn_id = self._active_turn if self._active_turn is not None else -1
+            self._active_turn = None
+            self._playing_until = None
+        if self._echo_gate is not None:
+            self._echo_gate.silence_reply()
+        assert self._pipeline is not None
+        self._pipeline.cancel_turn(reason, turn_id=turn_id)
+        self._pacing_wake.set()
+
+    def _on_playback(self, report: Playback) -> None:
+        """The client says how much of an interrupted reply it played: keep only that."""
+        heard = self._ledger.heard_text(report.turn_id, report.played_ms)
+        if heard is None or self._pipeline is None:
+            return
+        self._pipeline.stage(LlmStage).history.amend_heard(report.turn_id, heard)
 
     def _on_event(self, event: Event) -> None:
+        """Runs on stage threads: must not block (sends are quick, pacing never happens here)."""
+        assert self._pipeline is not None
+        stale = self._pipeline.cancellation.is_stale(event.generation)
+        if stale and isinstance(event, Transcript | ReplyText | TurnMetrics | StageError):
+            return  # work of an abandoned turn that was already under way
+        if isinstance(event, SpeechStarted):
+            # Barge-in: the VAD already required min_speech_ms of speech and turned away the
+            # assistant's own echo, so this is the user speaking over the reply.
+            self._interrupt("barge-in")
+        elif isinstance(event, Transcript):
+            with self._reply_lock:
+                self._active_turn = event.turn_id
+                self._playing_until = None
         text = self._event_text(event)
         if text is not None:
             self._send(text)
@@ -241,7 +361,7 @@ class Session:
                 is_last=event.is_last,
             )
         if isinstance(event, TurnInterrupted):
-            return protocol.event("interrupted", reason=event.reason)
+            return protocol.event("interrupted", turn_id=event.turn_id, reason=event.reason)
         if isinstance(event, StageError):
             return protocol.event(
                 "error",
