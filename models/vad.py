@@ -79,6 +79,9 @@ class StreamingVad:
     def in_speech(self) -> bool:
         return self._segmenter.in_speech
 
+    def restart(self, speech_start: int) -> None:
+        self._segmenter.restart(speech_start)
+
     def push(self, samples: Samples) -> list[VadEvent]:
         self._pending = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
         events: list[VadEvent] = []

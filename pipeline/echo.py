@@ -1,11 +1,13 @@
 """Telling the user's voice from the assistant's own voice coming back through the microphone.
 
-A Geigel-style double-talk test: while the assistant speaks, a speech onset counts as the user
-only if the microphone is louder than ``ratio`` times the loudest reply audio played around that
-time. A speaker's echo reaches a microphone attenuated (laptops: well over 6 dB), a user talking
-to the machine does not, so the echo never interrupts the reply and never becomes a turn, while
-a user who speaks up does. Thread-safe: the session records the reply audio as it sends it and
-the VAD stage records the microphone and asks.
+A Geigel-style double-talk test: while the assistant speaks, a speech onset counts as the
+user only if the microphone's loudest frame in the onset is louder than ``ratio`` times the
+loudest reply audio played around that time. A speaker's echo reaches a microphone attenuated
+(laptops: well over 6 dB), a user talking to the machine does not, so the echo never
+interrupts the reply and never becomes a turn, while a user who speaks up does. Speech that
+starts inside the echo counts once it has stayed louder than the echo for the minimum onset.
+Thread-safe: the session records the reply audio as it sends it, the VAD stage records the
+microphone and asks.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ LEVELS_KEPT = 512
 class EchoOptions:
     ratio: float = 0.5
     """An onset is the user's when its RMS exceeds this times the reply's (-6 dB, Geigel)."""
-    echo_delay_s: float = 0.5
+    echo_delay_s: float = 0.35
     """How long after a reply frame is sent its echo may still arrive (network, the client's
     jitter buffer, the sound card's buffers, the room)."""
 
@@ -58,6 +60,17 @@ class EchoGate:
         with self._levels_lock:
             self._far.clear()
 
+    def louder_than_echo(self, samples: Samples, received_at: float) -> bool:
+        """Whether this microphone chunk is louder than the reply's echo could be."""
+        delay = self.options.echo_delay_s
+        with self._levels_lock:
+            far = [
+                level
+                for start, end, level in self._far
+                if start <= received_at and end >= received_at - delay
+            ]
+        return rms(samples) > self.options.ratio * max(far, default=0.0)
+
     def is_echo(self, onset_at: float, now: float) -> bool:
         """Whether the speech that began at ``onset_at`` is quieter than the reply's echo would
         be. False when no reply audio was playing around then."""
@@ -71,4 +84,5 @@ class EchoGate:
             return False
         if not near:
             return True
-        return float(np.mean(near)) < self.options.ratio * max(far)
+        # Peak against peak, as Geigel's detector does: frames of either side differ in length.
+        return max(near) < self.options.ratio * max(far)

@@ -138,6 +138,16 @@ class VadSegmenter:
         self._trim(window_end)
         return events
 
+    def restart(self, speech_start: int) -> None:
+        """The speech under way counts from ``speech_start`` on (what came before it was not
+        the user's: the assistant's echo). No-op outside confirmed speech."""
+        if self._confirmed and self._speech_start is not None:
+            self._speech_start = max(
+                self._speech_start, self._audio_start + self._pad, speech_start
+            )
+            self._speech_end = None
+            self._paused_at = None
+
     def _end(self, forced: bool) -> VadEnded:
         ended = VadEnded(*self._cut(), forced)
         self._speech_start = None

@@ -38,7 +38,12 @@ from pipeline.stage import Stage, StageContext
 class VoiceActivity(Protocol):
     """One session's streaming VAD (``models.vad.StreamingVad``)."""
 
+    @property
+    def in_speech(self) -> bool: ...
+
     def push(self, samples: Samples) -> list[VadEvent]: ...
+
+    def restart(self, speech_start: int) -> None: ...
 
 
 class Transcriber(Protocol):
@@ -62,6 +67,10 @@ class Resampler(Protocol):
     def push(self, samples: Samples, last: bool = False) -> Samples: ...
 
 
+ECHO_DIP_S = 0.1
+"""Within speech over echo, quieter moments up to this long (between syllables) do not end it."""
+
+
 def _shared(lock: threading.Lock | None) -> AbstractContextManager[object]:
     """A model shared by several sessions is used under its lock; a private one needs none."""
     return lock if lock is not None else nullcontext()
@@ -79,11 +88,18 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
     accepts_stale_input = True
 
     def __init__(
-        self, vad: VoiceActivity, sample_rate_hz: int, echo_gate: EchoGate | None = None
+        self,
+        vad: VoiceActivity,
+        sample_rate_hz: int,
+        echo_gate: EchoGate | None = None,
+        min_speech_ms: int = 300,
     ) -> None:
         self._vad = vad
         self._sample_rate_hz = sample_rate_hz
         self._echo_gate = echo_gate
+        self._min_speech_s = min_speech_ms / 1000
+        self._loud_since: float | None = None  # the user louder than the echo since then
+        self._last_loud_at = 0.0
         self._next_turn_id = 0
         self._speech_started_at: float | None = None
         self._ignoring_echo = False
@@ -153,6 +169,38 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
                 ),
                 provisional=provisional,
             )
+        self._user_spoke_up(item, chunk_end, ctx)
+
+    def _user_spoke_up(self, item: AudioChunk, chunk_end: int, ctx: StageContext) -> None:
+        """While echo is being ignored, the user may start talking over it: once the microphone
+        has been louder than the echo could be for min_speech_ms (dips under ECHO_DIP_S
+        allowed), that is the user's onset. A cough is too short to count."""
+        if not (self._ignoring_echo and self._vad.in_speech and self._echo_gate is not None):
+            self._loud_since = None
+            return
+        now = item.received_at
+        if self._echo_gate.louder_than_echo(item.samples, now):
+            if self._loud_since is None:
+                self._loud_since = now - len(item.samples) / self._sample_rate_hz
+            self._last_loud_at = now
+        elif self._loud_since is not None and now - self._last_loud_at > ECHO_DIP_S:
+            self._loud_since = None
+        if self._loud_since is None or now - self._loud_since < self._min_speech_s:
+            return
+        onset_at, self._loud_since = self._loud_since, None
+        onset = chunk_end - round((now - onset_at) * self._sample_rate_hz)
+        self._vad.restart(onset)  # the segment starts with the user, not with the echo
+        self._ignoring_echo = False
+        self._speech_started_at = onset_at
+        ctx.emit(
+            SpeechStarted(
+                session_id=ctx.session_id,
+                turn_id=self._next_turn_id,
+                generation=ctx.cancellation.generation,
+                sample_index=onset,
+                at=onset_at,
+            )
+        )
 
     def _is_echo(self, onset_at: float, now: float) -> bool:
         return self._echo_gate is not None and self._echo_gate.is_echo(onset_at, now)

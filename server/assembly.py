@@ -41,7 +41,12 @@ def build_session_pipeline(
     if baseline:
         vad_options = replace(vad_options, pause_after_ms=None)  # no transcription ahead
     stages: list[Stage[Any, Any]] = [
-        VadStage(StreamingVad(models.vad, vad_options), VAD_SAMPLE_RATE_HZ, echo_gate),
+        VadStage(
+            StreamingVad(models.vad, vad_options),
+            VAD_SAMPLE_RATE_HZ,
+            echo_gate,
+            vad_options.min_speech_ms,
+        ),
         SttStage(models.stt, models.stt_lock),
         LlmStage(models.llm, history, chunker_options, models.llm_lock, whole_reply=baseline),
         TtsStage(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,47 +18,14 @@ from client.app import ClientConfig, VoiceClient
 from client.audio import FileSource, NullSink
 from models.audio import to_pcm16
 from models.profiles import LoadedModels
-from pipeline.pipeline import Pipeline
 from pipeline.stages import LlmStage
-from server.app import S2SServer, ServerConfig
-from server.assembly import build_session_pipeline
 from server.protocol import CloseCodes
-from server.session import SessionLimits
 from tests.conftest import spoken_wav
+from tests.servers import Running, settle
 
 pytestmark = pytest.mark.models
 
 TOKEN = "let-me-in"
-SETTLE_BOUND_S = 5.0
-
-
-class Running:
-    """An S2SServer serving on a thread, with the pipelines it built."""
-
-    def __init__(self, models: LoadedModels, max_sessions: int, token: str | None = None) -> None:
-        self.pipelines: list[Pipeline] = []
-
-        def build(**kwargs: Any) -> Pipeline:
-            pipeline = build_session_pipeline(models, **kwargs)
-            self.pipelines.append(pipeline)
-            return pipeline
-
-        config = ServerConfig(
-            port=0,
-            max_sessions=max_sessions,
-            token=token,
-            max_frame_bytes=64 * 1024,
-            limits=SessionLimits(handshake_timeout_s=2.0),
-        )
-        self.server = S2SServer(config, build, {"device": "cpu"})
-        self.server.start()
-        self.url = f"ws://127.0.0.1:{self.server.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, name="test-server")
-        self._thread.start()
-
-    def stop(self) -> None:
-        assert self.server.shutdown(2.0) == []
-        self._thread.join(5.0)
 
 
 @pytest.fixture
@@ -69,15 +35,6 @@ def running(cpu_models: LoadedModels) -> Iterator[Running]:
     yield server
     server.stop()
     assert settle(lambda: threading.active_count() <= baseline), "threads left behind"
-
-
-def settle(condition: Any) -> bool:
-    deadline = time.monotonic() + SETTLE_BOUND_S
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return bool(condition())
 
 
 def raw(url: str, token: str | None = TOKEN) -> ClientConnection:

@@ -1,0 +1,175 @@
+"""A scripted user over a real socket: a microphone that plays a script in real time, and a
+virtual speaker that plays the replies in real time and leaks into the microphone like a
+laptop's speaker does. Everything is recorded on the client's clock (time.monotonic)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from models.audio import from_pcm16, to_pcm16
+from pipeline.messages import Samples
+from server import protocol
+
+RATE_HZ = 16_000
+FRAME = 512
+"""32 ms frames, both ways: the microphone sends one and the speaker plays one per tick."""
+FRAME_S = FRAME / RATE_HZ
+
+
+@dataclass
+class Received:
+    at: float
+    event: dict[str, Any] | None = None
+    audio_samples: int = 0
+
+
+@dataclass
+class Scheduled:
+    samples: Samples
+    at: float
+    first_sent_at: float | None = None
+    position: int = 0
+
+
+@dataclass
+class ScriptedUser:
+    url: str
+    echo_gain: float = 0.0
+    """How loud the speaker comes back into the microphone (0.3 is about -10 dB)."""
+    echo_delay_s: float = 0.1
+    received: list[Received] = field(default_factory=list)
+    interrupted_at: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._connection = connect(self.url, open_timeout=5, close_timeout=1, legacy=True)
+        self._connection.send(protocol.hello(RATE_HZ, RATE_HZ))
+        ready = json.loads(self._connection.recv(timeout=10))
+        assert ready["type"] == "ready", ready
+        self._lock = threading.Lock()  # guards the speaker buffer, the script and received
+        self._arrived = threading.Condition(self._lock)
+        self._speaker: deque[Samples] = deque()
+        self._played_total = 0
+        self._reply_start_played = 0
+        self._echo: deque[Samples] = deque(
+            [np.zeros(FRAME, dtype=np.float32)] * max(1, round(self.echo_delay_s / FRAME_S))
+        )
+        self._script: list[Scheduled] = []
+        self._stopped = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._microphone, name="scripted-mic"),
+            threading.Thread(target=self._receive, name="scripted-receiver"),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # --- script ---------------------------------------------------------------------------
+
+    def say(self, samples: Samples, at: float | None = None) -> Scheduled:
+        """Speak ``samples`` into the microphone from ``at`` (default: now)."""
+        item = Scheduled(samples.astype(np.float32), time.monotonic() if at is None else at)
+        with self._lock:
+            self._script.append(item)
+        return item
+
+    def wait_for(self, kind: str, timeout_s: float, **fields: Any) -> Received:
+        deadline = time.monotonic() + timeout_s
+        with self._arrived:
+            while True:
+                for item in self.received:
+                    event = item.event
+                    if (
+                        event
+                        and event["type"] == kind
+                        and all(event.get(k) == v for k, v in fields.items())
+                    ):
+                        return item
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"no {kind} {fields} within {timeout_s} s: {self.kinds()}"
+                self._arrived.wait(remaining)
+
+    def kinds(self) -> list[str]:
+        return [r.event["type"] if r.event else f"audio:{r.audio_samples}" for r in self.received]
+
+    def events(self, kind: str) -> list[Received]:
+        with self._lock:
+            return [r for r in self.received if r.event and r.event["type"] == kind]
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._connection.close()
+        for thread in self._threads:
+            thread.join(5)
+
+    # --- threads --------------------------------------------------------------------------
+
+    def _microphone(self) -> None:
+        next_at = time.monotonic()
+        while not self._stopped.wait(max(0.0, next_at - time.monotonic())):
+            next_at += FRAME_S
+            now = time.monotonic()
+            with self._lock:
+                played = self._play_one_frame()
+                frame = self._echo.popleft() * self.echo_gain
+                self._echo.append(played)
+                for item in self._script:
+                    if item.at <= now and item.position < len(item.samples):
+                        piece = item.samples[item.position : item.position + FRAME]
+                        frame[: len(piece)] += piece
+                        item.position += FRAME
+                        if item.first_sent_at is None:
+                            item.first_sent_at = now
+            try:
+                self._connection.send(to_pcm16(np.clip(frame, -1.0, 1.0)))
+            except ConnectionClosed:
+                return
+
+    def _play_one_frame(self) -> Samples:
+        out = np.zeros(FRAME, dtype=np.float32)
+        filled = 0
+        while filled < FRAME and self._speaker:
+            head = self._speaker[0]
+            take = min(len(head), FRAME - filled)
+            out[filled : filled + take] = head[:take]
+            filled += take
+            if take == len(head):
+                self._speaker.popleft()
+            else:
+                self._speaker[0] = head[take:]
+        self._played_total += filled
+        return out
+
+    def _receive(self) -> None:
+        try:
+            for message in self._connection:
+                now = time.monotonic()
+                with self._arrived:
+                    if isinstance(message, bytes):
+                        samples = from_pcm16(message)
+                        self._speaker.append(samples)
+                        self.received.append(Received(now, audio_samples=len(samples)))
+                    else:
+                        event = json.loads(message)
+                        self.received.append(Received(now, event=event))
+                        self._on_event(event, now)
+                    self._arrived.notify_all()
+        except ConnectionClosed:
+            return
+
+    def _on_event(self, event: dict[str, Any], now: float) -> None:
+        """Called with the lock held: what a client does on each event."""
+        if event["type"] == "reply_audio_start":
+            self._reply_start_played = self._played_total
+        elif event["type"] == "interrupted":
+            self._speaker.clear()  # playback stops now
+            self.interrupted_at.append(now)
+            played_ms = 1000.0 * (self._played_total - self._reply_start_played) / RATE_HZ
+            self._connection.send(protocol.playback(event.get("turn_id", -1), played_ms))

@@ -1,0 +1,194 @@
+"""Barge-in, over real sockets on the CPU defaults, with a scripted user whose virtual speaker
+leaks into the microphone at -10 dB (a laptop without echo cancellation)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from models.audio import resample
+from models.profiles import LoadedModels
+from pipeline.history import INTERRUPTED_MARK, ChatMessage, HistoryOptions
+from pipeline.messages import Samples
+from pipeline.pipeline import Pipeline
+from server.assembly import build_session_pipeline
+from tests.scripted_user import RATE_HZ, ScriptedUser
+from tests.servers import Running
+
+pytestmark = pytest.mark.models
+
+LONG_ANSWERS = (
+    "You are a helpful assistant. Answer in English, in detail, in four or five sentences."
+)
+ECHO_GAIN = 0.3
+"""About -10 dB: a laptop speaker heard by its own microphone."""
+REPLY_BOUND_S = 90.0
+MIN_ONSET_MS = 300
+"""The default shortest speech that interrupts a reply."""
+ONE_STEP_S = 0.25
+"""Generous bound for one decoding step of the LLM (about 60 ms here)."""
+
+
+@dataclass
+class Call:
+    messages: list[ChatMessage]
+    deltas: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(delta for _, delta in self.deltas)
+
+
+class RecordingChat:
+    """The real LLM, with every call's prompt and the time of every delta recorded."""
+
+    def __init__(self, inner: LoadedModels) -> None:
+        self._inner = inner.llm
+        self.calls: list[Call] = []
+
+    def count_tokens(self, text: str) -> int:
+        return self._inner.count_tokens(text)
+
+    def stream(
+        self, messages: Sequence[ChatMessage], should_stop: Callable[[], bool]
+    ) -> Iterator[str]:
+        call = Call(list(messages))
+        self.calls.append(call)
+        for delta in self._inner.stream(messages, should_stop):
+            call.deltas.append((time.monotonic(), delta))
+            yield delta
+
+
+@pytest.fixture
+def chat(cpu_models: LoadedModels) -> RecordingChat:
+    return RecordingChat(cpu_models)
+
+
+@pytest.fixture
+def server(cpu_models: LoadedModels, chat: RecordingChat) -> Iterator[Running]:
+    # The recording wrapper stands in for the LLM (it has the same two methods).
+    models = dataclasses.replace(cpu_models, llm=chat)  # type: ignore[arg-type]
+    history = HistoryOptions(system_prompt=LONG_ANSWERS)
+
+    def build(**kwargs: object) -> Pipeline:
+        return build_session_pipeline(models, history_options=history, **kwargs)  # type: ignore[arg-type]
+
+    running = Running(cpu_models, build=build)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def speak(cpu_models: LoadedModels) -> Callable[[str], Samples]:
+    def spoken(text: str) -> Samples:
+        voice = cpu_models.tts
+        audio = np.concatenate(list(voice.stream(text, lambda: False)))
+        return resample(audio, voice.sample_rate_hz, RATE_HZ)
+
+    return spoken
+
+
+def leading_silence_s(samples: Samples) -> float:
+    """Where speech starts in a clip: the first 10 ms frame above 1% of its peak."""
+    frame = RATE_HZ // 100
+    frames = len(samples) // frame
+    levels = np.abs(samples[: frames * frame]).reshape(frames, frame).max(axis=1)
+    return float(np.argmax(levels > 0.01 * levels.max())) * frame / RATE_HZ
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def test_speaking_over_the_reply_interrupts_it(
+    server: Running, chat: RecordingChat, speak: Callable[[str], Samples]
+) -> None:
+    """The user speaks 1 s into a long reply: playback stops promptly, no old audio or tokens
+    follow, the new question is answered, and the history keeps only what was heard."""
+    user = ScriptedUser(server.url, echo_gain=ECHO_GAIN)
+    try:
+        user.say(speak("Tell me about the history of Paris."), at=time.monotonic() + 0.3)
+        reply = user.wait_for("reply_audio_start", REPLY_BOUND_S, turn_id=0)
+        question = speak("What is the capital of France?")
+        barge_in = user.say(question, at=reply.at + 1.0)
+        interrupted = user.wait_for("interrupted", 30.0)
+        answer = user.wait_for("transcript", REPLY_BOUND_S, turn_id=1)
+        user.wait_for("reply_audio_end", REPLY_BOUND_S, turn_id=1)
+    finally:
+        user.close()
+
+    assert barge_in.first_sent_at is not None
+    speech_began = barge_in.first_sent_at + leading_silence_s(question)
+    stop_ms = (user.interrupted_at[0] - speech_began) * 1000.0
+    after_onset_ms = stop_ms - MIN_ONSET_MS
+    print(
+        f"playback stopped {stop_ms:.0f} ms after the user began speaking over it, "
+        f"{after_onset_ms:.0f} ms after the {MIN_ONSET_MS} ms onset that interrupts"
+    )
+    assert after_onset_ms < 1000.0
+
+    after = user.received[user.received.index(interrupted) + 1 :]
+    next_reply = next(
+        i for i, r in enumerate(after) if r.event and r.event["type"] == "reply_audio_start"
+    )
+    assert not [r for r in after[:next_reply] if r.audio_samples], (
+        "old reply audio after interrupted"
+    )
+
+    first, second = chat.calls[0], chat.calls[1]
+    late = [at for at, _ in first.deltas if at > interrupted.at + ONE_STEP_S]
+    assert not late, f"{len(late)} tokens of the old reply after the interruption"
+
+    assert answer.event is not None and "capital" in answer.event["text"].lower()
+
+    heard = [m["content"] for m in second.messages if m["role"] == "assistant"][-1]
+    print(f"generated: {first.text!r}\nkept in history: {heard!r}")
+    assert heard.endswith(INTERRUPTED_MARK)
+    heard_words, generated = words(heard.removesuffix(INTERRUPTED_MARK)), words(first.text)
+    assert 0 < len(heard_words) < len(generated)
+    assert heard_words == generated[: len(heard_words)]
+
+
+def test_a_cough_does_not_interrupt(server: Running, speak: Callable[[str], Samples]) -> None:
+    """A 150 ms burst of voice during the reply: no interruption, the reply plays to its end."""
+    burst = speak("Ha!")
+    loudest = int(np.argmax(np.abs(burst)))
+    start = max(0, loudest - RATE_HZ * 75 // 1000)
+    cough = burst[start : start + RATE_HZ * 150 // 1000] * 1.5
+    user = ScriptedUser(server.url, echo_gain=ECHO_GAIN)
+    try:
+        user.say(speak("Tell me about the history of Paris."), at=time.monotonic() + 0.3)
+        reply = user.wait_for("reply_audio_start", REPLY_BOUND_S, turn_id=0)
+        user.say(cough, at=reply.at + 1.0)
+        user.wait_for("reply_audio_end", REPLY_BOUND_S, turn_id=0)
+        time.sleep(1.0)
+    finally:
+        user.close()
+    assert not user.events("interrupted")
+    assert [r.event["turn_id"] for r in user.events("transcript") if r.event] == [0]
+
+
+def test_the_assistants_own_voice_does_not_interrupt_it(
+    server: Running, speak: Callable[[str], Samples]
+) -> None:
+    """The reply fed back into the microphone at -10 dB, 100 ms late, all the way through:
+    no interruption, and the echo never becomes a turn of its own."""
+    user = ScriptedUser(server.url, echo_gain=ECHO_GAIN, echo_delay_s=0.1)
+    try:
+        user.say(speak("Tell me about the history of Paris."), at=time.monotonic() + 0.3)
+        user.wait_for("reply_audio_start", REPLY_BOUND_S, turn_id=0)
+        user.wait_for("reply_audio_end", REPLY_BOUND_S, turn_id=0)
+        time.sleep(1.5)  # the last of the reply plays and echoes
+    finally:
+        user.close()
+    reply_audio_s = sum(r.audio_samples for r in user.received) / RATE_HZ
+    print(f"reply played for {reply_audio_s:.1f} s with its echo in the microphone")
+    assert reply_audio_s > 3.0
+    assert not user.events("interrupted")
+    assert [r.event["turn_id"] for r in user.events("transcript") if r.event] == [0]
