@@ -80,9 +80,13 @@ class TurnTracker:
         kind = event.get("type")
         turn_id = event.get("turn_id")
         with self._lock:
+            if kind == "interrupted":
+                target = turn_id if isinstance(turn_id, int) and turn_id >= 0 else None
+                target = target if target is not None else self._speaking_turn
+                if target is None or target not in self.turns or target not in self._open:
+                    return []
+                return [self._close(target, interrupted=True)]
             if not isinstance(turn_id, int):
-                if kind == "interrupted" and self._speaking_turn is not None:
-                    return [self._close(self._speaking_turn, interrupted=True)]
                 return []
             turn = self.turns.setdefault(turn_id, Turn(turn_id))
             if kind == "speech_started":
