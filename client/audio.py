@@ -217,16 +217,7 @@ class SpeakerSink:
         with self._buffer_lock:
             if not self._playing:
                 return
-            filled = 0
-            while filled < frames and self._buffer:
-                head = self._buffer[0]
-                take = min(len(head), frames - filled)
-                out[filled : filled + take] = head[:take]
-                filled += take
-                if take == len(head):
-                    self._buffer.popleft()
-                else:
-                    self._buffer[0] = head[take:]
+            filled = drain_into(out, self._buffer)
             self._buffered -= filled
             self._played += filled
             if not self._buffer:
@@ -307,6 +298,22 @@ class RecordingSink:
 
     def close(self) -> None:
         self._inner.close()
+
+
+def drain_into(out: Samples, chunks: deque[Samples]) -> int:
+    """Fill ``out`` from the front of ``chunks`` (consuming them); return the samples filled.
+    The rest of ``out`` is left as it was."""
+    filled = 0
+    while filled < len(out) and chunks:
+        head = chunks[0]
+        take = min(len(head), len(out) - filled)
+        out[filled : filled + take] = head[:take]
+        filled += take
+        if take == len(head):
+            chunks.popleft()
+        else:
+            chunks[0] = head[take:]
+    return filled
 
 
 def list_devices() -> str:

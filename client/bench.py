@@ -27,6 +27,7 @@ import numpy as np
 
 from client.app import ClientConfig, ClientError, VoiceClient
 from client.audio import FileSource, NullSink
+from client.turns import SERVER_STAGE_FIELDS
 
 QUESTIONS = (
     "What is the capital of France?",
@@ -42,16 +43,7 @@ QUESTIONS = (
     "Hello!",
     "What time of year is best for visiting Japan?",
 )
-METRICS = (
-    "voice_to_voice_ms",
-    "end_of_turn_ms",
-    "stt_ms",
-    "llm_first_token_ms",
-    "llm_first_chunk_ms",
-    "tts_first_audio_ms",
-    "server_voice_to_voice_ms",
-    "transport_ms",
-)
+METRICS = ("voice_to_voice_ms", *SERVER_STAGE_FIELDS, "transport_ms")
 BREAKDOWN = (
     ("end_of_turn_ms", "end-of-turn wait"),
     ("stt_ms", "STT"),

@@ -15,6 +15,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from client.audio import drain_into
 from models.audio import from_pcm16, to_pcm16
 from pipeline.messages import Samples
 from server import protocol
@@ -134,17 +135,7 @@ class ScriptedUser:
 
     def _play_one_frame(self) -> Samples:
         out = np.zeros(FRAME, dtype=np.float32)
-        filled = 0
-        while filled < FRAME and self._speaker:
-            head = self._speaker[0]
-            take = min(len(head), FRAME - filled)
-            out[filled : filled + take] = head[:take]
-            filled += take
-            if take == len(head):
-                self._speaker.popleft()
-            else:
-                self._speaker[0] = head[take:]
-        self._played_total += filled
+        self._played_total += drain_into(out, self._speaker)
         return out
 
     def _receive(self) -> None:
