@@ -1,12 +1,8 @@
-"""Device and dtype choice, made once at load."""
+"""Device choice, made once at load."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from models.errors import ModelUnavailable
-
-DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 
 
 def resolve_device(requested: str) -> str:
@@ -28,10 +24,3 @@ def resolve_device(requested: str) -> str:
     if requested == "mps" and not torch.backends.mps.is_available():
         raise ModelUnavailable("--device mps was asked for, but PyTorch sees no MPS device")
     return requested
-
-
-def torch_dtype_name(device: str, requested: str = "auto") -> str:
-    """float16 on GPUs, float32 on the CPU (bf16 matmuls are not faster on every CPU)."""
-    if requested != "auto":
-        return requested
-    return "float32" if device == "cpu" else "float16"

@@ -14,7 +14,3 @@ class Deadline:
     def remaining_s(self) -> float:
         """Seconds left, never negative."""
         return max(0.0, self._expires_at - time.monotonic())
-
-    @property
-    def expired(self) -> bool:
-        return self.remaining_s() == 0.0
