@@ -205,9 +205,8 @@ class VoiceClient:
                 self._connection.send(to_pcm16(frame))
             except ConnectionClosed:
                 return
-            if self.config.exit_after_reply and getattr(self._source, "file_finished", None):
-                file_done = self._source.file_finished.is_set()  # type: ignore[attr-defined]
-                if file_done and file_done_at is None:
+            if self.config.exit_after_reply:
+                if file_done_at is None and self._source.exhausted():
                     file_done_at = time.monotonic()
                 if file_done_at is not None:
                     self._check_file_answered(file_done_at)
@@ -253,9 +252,7 @@ class VoiceClient:
         elif kind == "interrupted":
             self._stop_playback(event.get("turn_id"))
         elif kind == "reply_audio_end":
-            end = getattr(self._sink, "end_of_reply", None)
-            if end is not None:
-                end()
+            self._sink.end_of_reply()
         self._report(event)
         for turn in self._tracker.on_event(event):
             self._outcome.turns.append(turn)

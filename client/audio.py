@@ -31,6 +31,10 @@ class Source(Protocol):
         """Block until the next frame; None once closed or exhausted."""
         ...
 
+    def exhausted(self) -> bool:
+        """True once a finite source (a file) has handed out all of its audio."""
+        ...
+
     def close(self) -> None:
         """Stop capturing and wake ``read()``. Idempotent."""
         ...
@@ -55,6 +59,10 @@ class Sink(Protocol):
 
     def played_samples(self) -> int:
         """Samples played so far, all replies together."""
+        ...
+
+    def end_of_reply(self) -> None:
+        """The reply is complete: play what is buffered even if the jitter buffer is not full."""
         ...
 
     def close(self) -> None: ...
@@ -99,6 +107,9 @@ class FileSource:
             frame = np.concatenate([frame, np.zeros(self._frame - len(frame), dtype=np.float32)])
         return frame
 
+    def exhausted(self) -> bool:
+        return self.file_finished.is_set()
+
     def close(self) -> None:
         self._closed.set()
 
@@ -138,6 +149,9 @@ class MicrophoneSource:
     def read(self) -> Samples | None:
         return self._frames.get()
 
+    def exhausted(self) -> bool:
+        return False
+
     def close(self) -> None:
         with self._closed_lock:
             if self._closed:
@@ -169,6 +183,9 @@ class NullSink:
 
     def played_samples(self) -> int:
         return self._written
+
+    def end_of_reply(self) -> None:
+        pass
 
     def flush(self) -> None:
         pass
@@ -284,9 +301,7 @@ class RecordingSink:
         return self._inner.played_samples()
 
     def end_of_reply(self) -> None:
-        end = getattr(self._inner, "end_of_reply", None)
-        if end is not None:
-            end()
+        self._inner.end_of_reply()
 
     def recorded(self) -> Samples:
         with self._chunks_lock:

@@ -98,7 +98,6 @@ class Session:
         self._resampler: StreamResampler | None = None
         self._samples_received = 0
         self._send_lock = threading.Lock()  # keeps an event and its audio frames in order
-        self._replies_started: set[tuple[int, int]] = set()
         self._closing = threading.Event()
         self._echo_gate = EchoGate(echo_options) if echo_options is not None else None
         self._ledger = ReplyLedger()
@@ -245,13 +244,17 @@ class Session:
             return
         assert self._pipeline is not None
         cancellation = self._pipeline.cancellation
-        key = (item.turn_id, item.generation)
         with self._send_lock:
-            if key not in self._replies_started:
-                self._replies_started.add(key)
-                with self._reply_lock:
+            with self._reply_lock:
+                timeline = self._timeline
+                starts = timeline is None or (timeline.turn_id, timeline.generation) != (
+                    item.turn_id,
+                    item.generation,
+                )
+                if starts:  # a turn has one reply per generation: this is a new one
                     self._timeline = _Timeline(item.turn_id, item.generation)
                     self._playing_until = None
+            if starts:
                 self._pacing_wake.clear()
                 self._send_locked(protocol.event("reply_audio_start", turn_id=item.turn_id))
         frame = max(1, item.sample_rate_hz * OUTPUT_FRAME_MS // 1000)
@@ -272,7 +275,6 @@ class Session:
                     self._timeline.sent_s += len(samples) / item.sample_rate_hz
         if item.is_last:
             with self._send_lock:
-                self._replies_started.discard(key)
                 if not cancellation.is_stale(item.generation):
                     self._send_locked(protocol.event("reply_audio_end", turn_id=item.turn_id))
             with self._reply_lock:
