@@ -28,9 +28,10 @@ LEVELS_KEPT = 512
 class EchoOptions:
     ratio: float = 0.5
     """An onset is the user's when its RMS exceeds this times the reply's (-6 dB, Geigel)."""
-    echo_delay_s: float = 0.35
-    """How long after a reply frame is sent its echo may still arrive (network, the client's
-    jitter buffer, the sound card's buffers, the room)."""
+    echo_delay_s: float = 0.6
+    """How long after a reply frame is due to play its echo may still arrive (network, the
+    client's jitter buffer, the sound card's buffers, a loaded client that plays late). At
+    0.35 s a loaded test machine let echo through as barge-in; 0.6 s did not."""
 
 
 def rms(samples: Samples) -> float:
