@@ -111,8 +111,7 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
                 f"VAD expects {self._sample_rate_hz} Hz audio, got {item.sample_rate_hz} Hz"
             )
         chunk_end = item.first_sample_index + len(item.samples)
-        if self._echo_gate is not None:
-            self._echo_gate.heard(item.samples, item.received_at)
+        self._track_loudness(item)
         for event in self._vad.push(item.samples):
             index = (
                 event.sample_index
@@ -123,8 +122,8 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
             at = item.received_at - (chunk_end - index) / self._sample_rate_hz
             session_id, turn_id = ctx.session_id, self._next_turn_id
             generation = ctx.cancellation.generation
-            if isinstance(event, VadStarted) and self._is_echo(at, item.received_at):
-                self._ignoring_echo = True  # the assistant hearing itself: not a turn
+            if isinstance(event, VadStarted) and self._maybe_echo(at, item.received_at):
+                self._ignoring_echo = True  # the assistant hearing itself, until shown otherwise
                 self.echoes_ignored += 1
                 continue
             if self._ignoring_echo:
@@ -171,12 +170,10 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
             )
         self._user_spoke_up(item, chunk_end, ctx)
 
-    def _user_spoke_up(self, item: AudioChunk, chunk_end: int, ctx: StageContext) -> None:
-        """While echo is being ignored, the user may start talking over it: once the microphone
-        has been louder than the echo could be for min_speech_ms (dips under ECHO_DIP_S
-        allowed), that is the user's onset. A cough is too short to count."""
-        if not (self._ignoring_echo and self._vad.in_speech and self._echo_gate is not None):
-            self._loud_since = None
+    def _track_loudness(self, item: AudioChunk) -> None:
+        """Since when the microphone has been louder than the reply's echo could be (quieter
+        moments under ECHO_DIP_S, between syllables, allowed)."""
+        if self._echo_gate is None:
             return
         now = item.received_at
         if self._echo_gate.louder_than_echo(item.samples, now):
@@ -185,8 +182,24 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
             self._last_loud_at = now
         elif self._loud_since is not None and now - self._last_loud_at > ECHO_DIP_S:
             self._loud_since = None
-        if self._loud_since is None or now - self._loud_since < self._min_speech_s:
+
+    def _louder_long_enough(self, now: float) -> bool:
+        return self._loud_since is not None and now - self._loud_since >= self._min_speech_s
+
+    def _maybe_echo(self, onset_at: float, now: float) -> bool:
+        """Speech while the reply plays is taken for its echo unless the microphone has
+        already been louder than that echo for the minimum onset (a cough is too short)."""
+        if self._echo_gate is None or not self._echo_gate.reply_playing(onset_at, now):
+            return False
+        return not self._louder_long_enough(now)
+
+    def _user_spoke_up(self, item: AudioChunk, chunk_end: int, ctx: StageContext) -> None:
+        """While echo is being ignored, the user may start talking over it: once the microphone
+        has been louder than the echo for min_speech_ms, that is the user's onset."""
+        now = item.received_at
+        if not (self._ignoring_echo and self._vad.in_speech and self._louder_long_enough(now)):
             return
+        assert self._loud_since is not None
         onset_at, self._loud_since = self._loud_since, None
         onset = chunk_end - round((now - onset_at) * self._sample_rate_hz)
         self._vad.restart(onset)  # the segment starts with the user, not with the echo
@@ -201,9 +214,6 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
                 at=onset_at,
             )
         )
-
-    def _is_echo(self, onset_at: float, now: float) -> bool:
-        return self._echo_gate is not None and self._echo_gate.is_echo(onset_at, now)
 
 
 class SttStage(Stage[SpeechSegment, Transcript]):

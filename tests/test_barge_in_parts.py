@@ -25,23 +25,20 @@ def test_quiet_speech_during_a_reply_is_echo_and_loud_speech_is_not() -> None:
     gate = EchoGate(EchoOptions(ratio=0.5, echo_delay_s=0.3))
     for i in range(10):
         gate.played(tone(0.2), starts_at=10.0 + i * 0.1, sample_rate_hz=RATE)
-    gate.heard(tone(0.06, 0.032), received_at=10.5)  # -10 dB: echo
-    assert gate.is_echo(onset_at=10.45, now=10.55)
-    gate.heard(tone(0.2, 0.032), received_at=10.6)  # as loud as the reply: the user
-    assert not gate.is_echo(onset_at=10.55, now=10.65)
-    assert gate.louder_than_echo(tone(0.2, 0.032), 10.6)
-    assert not gate.louder_than_echo(tone(0.06, 0.032), 10.6)
+    assert gate.reply_playing(10.45, 10.55)
+    assert gate.louder_than_echo(tone(0.2, 0.032), 10.6)  # as loud as the reply: the user
+    assert not gate.louder_than_echo(tone(0.06, 0.032), 10.6)  # -10 dB: echo
 
 
 def test_nothing_is_echo_when_no_reply_plays() -> None:
-    """Without reply audio around the onset, any speech is the user's."""
-    gate = EchoGate()
+    """Long after the reply, or once it was silenced, no reply is playing."""
+    gate = EchoGate(EchoOptions(echo_delay_s=0.3))
     gate.played(tone(0.2), starts_at=1.0, sample_rate_hz=RATE)
-    gate.heard(tone(0.01, 0.032), received_at=5.0)
-    assert not gate.is_echo(onset_at=4.9, now=5.0)
+    assert not gate.reply_playing(4.9, 5.0)
+    assert gate.louder_than_echo(tone(0.01, 0.032), 5.0)
     gate.played(tone(0.2), starts_at=5.0, sample_rate_hz=RATE)
     gate.silence_reply()
-    assert not gate.is_echo(onset_at=4.9, now=5.05)
+    assert not gate.reply_playing(4.9, 5.05)
 
 
 def test_ledger_turns_played_time_into_heard_words() -> None:
