@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from models.audio import resample
-from models.profiles import LoadedModels, load_models, profile_for
-from pipeline.messages import Samples
+from s2s.models.audio import resample
+from s2s.models.profiles import LoadedModels, load_models, profile_for
+from s2s.pipeline.messages import Samples
 
 # Tests never reach the model hub: a model that is not on disk must fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -7,8 +7,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from pipeline.messages import Message
-from pipeline.stage import Stage, StageContext
+from s2s.pipeline.messages import Message
+from s2s.pipeline.stage import Stage, StageContext
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

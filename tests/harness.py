@@ -8,9 +8,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.cancellation import TurnCancellation
-from pipeline.messages import Event, Message, Pill
-from pipeline.stage import Stage, StageContext, StageRunner
+from s2s.pipeline.cancellation import TurnCancellation
+from s2s.pipeline.messages import Event, Message, Pill
+from s2s.pipeline.stage import Stage, StageContext, StageRunner
 
 HANG_BOUND_S = 10.0
 """Generous bound for a harness run: only hangs should ever reach it."""

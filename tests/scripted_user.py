@@ -15,10 +15,10 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from client.audio import drain_into
-from models.audio import from_pcm16, to_pcm16
-from pipeline.messages import Samples
-from server import protocol
+from s2s.client.audio import drain_into
+from s2s.models.audio import from_pcm16, to_pcm16
+from s2s.pipeline.messages import Samples
+from s2s.server import protocol
 
 RATE_HZ = 16_000
 FRAME = 512

@@ -7,11 +7,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from models.profiles import LoadedModels
-from pipeline.pipeline import Pipeline
-from server.app import S2SServer, ServerConfig
-from server.assembly import build_session_pipeline
-from server.session import SessionLimits
+from s2s.models.profiles import LoadedModels
+from s2s.pipeline.pipeline import Pipeline
+from s2s.server.app import S2SServer, ServerConfig
+from s2s.server.assembly import build_session_pipeline
+from s2s.server.session import SessionLimits
 
 SETTLE_BOUND_S = 5.0
 

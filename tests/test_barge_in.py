@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from models.audio import resample
-from models.profiles import LoadedModels
-from pipeline.history import INTERRUPTED_MARK, ChatMessage, HistoryOptions
-from pipeline.messages import Samples
-from pipeline.pipeline import Pipeline
-from server.assembly import build_session_pipeline
+from s2s.models.audio import resample
+from s2s.models.profiles import LoadedModels
+from s2s.pipeline.history import INTERRUPTED_MARK, ChatMessage, HistoryOptions
+from s2s.pipeline.messages import Samples
+from s2s.pipeline.pipeline import Pipeline
+from s2s.server.assembly import build_session_pipeline
 from tests.scripted_user import RATE_HZ, ScriptedUser
 from tests.servers import Running
 

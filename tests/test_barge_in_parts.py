@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.echo import EchoGate, EchoOptions
-from pipeline.history import INTERRUPTED_MARK, ChatHistory, HistoryOptions
-from pipeline.messages import Samples
-from server.playback import ReplyLedger
-from server.protocol import Playback, ProtocolError, parse_client_text
+from s2s.pipeline.echo import EchoGate, EchoOptions
+from s2s.pipeline.history import INTERRUPTED_MARK, ChatHistory, HistoryOptions
+from s2s.pipeline.messages import Samples
+from s2s.server.playback import ReplyLedger
+from s2s.server.protocol import Playback, ProtocolError, parse_client_text
 
 RATE = 16_000
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.chunker import ChunkerOptions, SpeakableChunker, split_text
+from s2s.pipeline.chunker import ChunkerOptions, SpeakableChunker, split_text
 
 WHOLE_TEXT_CASES = [
     # (name, text, expected chunks)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from server.cli import build_parser, env_var
+from s2s.server.cli import build_parser, env_var
 from tests.processes import free_port, start_client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,9 +110,8 @@ def test_images_install_with_the_readme_script_and_run_unprivileged(dockerfile: 
     assert [r.split()[3] for r in runs] == ["--deps-only", "--project-only"]
     readme_install = (ROOT / "README.md").read_text().split("```bash")[1].splitlines()[1]
     assert readme_install.startswith("bash .ci/install.sh")
-    for package in ("pipeline", "models", "server", "client"):
-        assert f"COPY {package}/ {package}/" in text
-    assert text.index("--deps-only") < text.index("COPY pipeline/")
+    assert "COPY s2s/ s2s/" in text
+    assert text.index("--deps-only") < text.index("COPY s2s/")
     assert re.search(r"^USER s2s$", text, re.MULTILINE)
     assert "HEALTHCHECK" in text and "/healthz" in text
 

@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
-from models.errors import ModelUnavailable
-from models.llm import LlmOptions, TransformersChat
-from models.profiles import profile_for
-from models.stt import SttOptions, WhisperTranscriber
-from models.tts import TtsOptions, load_synthesizer
+from s2s.models.errors import ModelUnavailable
+from s2s.models.llm import LlmOptions, TransformersChat
+from s2s.models.profiles import profile_for
+from s2s.models.stt import SttOptions, WhisperTranscriber
+from s2s.models.tts import TtsOptions, load_synthesizer
 
 HANG_BOUND_S = 10.0
 

@@ -8,12 +8,12 @@ import time
 import numpy as np
 import pytest
 
-from models.profiles import LoadedModels
-from models.vad import StreamingVad
-from pipeline.messages import AudioChunk, Event, Message, ReplyAudio, StageError, TurnMetrics
-from pipeline.pipeline import Pipeline
-from pipeline.segmenter import VadEnded, VadOptions, VadStarted
-from server.assembly import build_session_pipeline
+from s2s.models.profiles import LoadedModels
+from s2s.models.vad import StreamingVad
+from s2s.pipeline.messages import AudioChunk, Event, Message, ReplyAudio, StageError, TurnMetrics
+from s2s.pipeline.pipeline import Pipeline
+from s2s.pipeline.segmenter import VadEnded, VadOptions, VadStarted
+from s2s.server.assembly import build_session_pipeline
 from tests.conftest import speech_with_silence
 
 pytestmark = pytest.mark.models

@@ -10,10 +10,10 @@ from typing import ClassVar
 
 import pytest
 
-from models.llm import LlmHttpError, OpenAICompatibleChat, OpenAIOptions
-from pipeline.history import ChatHistory, HistoryOptions
-from pipeline.messages import ReplyText, StageError, Transcript, TurnClock
-from pipeline.stages import LlmStage
+from s2s.models.llm import LlmHttpError, OpenAICompatibleChat, OpenAIOptions
+from s2s.pipeline.history import ChatHistory, HistoryOptions
+from s2s.pipeline.messages import ReplyText, StageError, Transcript, TurnClock
+from s2s.pipeline.stages import LlmStage
 from tests.harness import run_stage
 
 REPLY_DELTAS = ["The capital", " of France", " is Paris.", " It is lovely."]

@@ -7,10 +7,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from models.audio import StreamResampler
-from models.tts import ParlerSynthesizer, TtsOptions
-from pipeline.messages import ReplyAudio, ReplyText, Samples, TurnClock
-from pipeline.stages import TtsStage
+from s2s.models.audio import StreamResampler
+from s2s.models.tts import ParlerSynthesizer, TtsOptions
+from s2s.pipeline.messages import ReplyAudio, ReplyText, Samples, TurnClock
+from s2s.pipeline.stages import TtsStage
 from tests.harness import run_stage
 from tests.tiny_parler import SAMPLE_RATE_HZ, build_tiny_parler
 

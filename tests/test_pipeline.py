@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.messages import Message, StageError, TurnInterrupted
-from pipeline.pipeline import Pipeline, PipelineClosed
-from pipeline.stage import Stage
+from s2s.pipeline.messages import Message, StageError, TurnInterrupted
+from s2s.pipeline.pipeline import Pipeline, PipelineClosed
+from s2s.pipeline.stage import Stage
 from tests.fakes import Append, Explode, Gate, Note, StepGenerator, Stuck, note
 from tests.harness import EventLog, texts
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.history import INTERRUPTED_MARK, ChatHistory, HistoryOptions
-from pipeline.segmenter import (
+from s2s.pipeline.history import INTERRUPTED_MARK, ChatHistory, HistoryOptions
+from s2s.pipeline.segmenter import (
     VadEnded,
     VadEvent,
     VadOptions,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from models.audio import resample
-from models.profiles import LoadedModels
+from s2s.models.audio import resample
+from s2s.models.profiles import LoadedModels
 from tests.processes import BIN, HANG_BOUND_S, Process, start_client, start_server
 
 pytestmark = pytest.mark.models

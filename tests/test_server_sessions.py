@@ -14,12 +14,12 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from client.app import ClientConfig, VoiceClient
-from client.audio import FileSource, NullSink
-from models.audio import to_pcm16
-from models.profiles import LoadedModels
-from pipeline.stages import LlmStage
-from server.protocol import CloseCodes
+from s2s.client.app import ClientConfig, VoiceClient
+from s2s.client.audio import FileSource, NullSink
+from s2s.models.audio import to_pcm16
+from s2s.models.profiles import LoadedModels
+from s2s.pipeline.stages import LlmStage
+from s2s.server.protocol import CloseCodes
 from tests.conftest import spoken_wav
 from tests.servers import Running, settle
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from models.audio import resample
-from models.profiles import LoadedModels
+from s2s.models.audio import resample
+from s2s.models.profiles import LoadedModels
 from tests.processes import HANG_BOUND_S, start_client, start_server
 from tests.pulse import pulse_env, record_speaker, speak_into_microphone
 

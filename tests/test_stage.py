@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pipeline.cancellation import TurnCancellation
-from pipeline.messages import StageError
-from pipeline.stage import Stage, StageContext
+from s2s.pipeline.cancellation import TurnCancellation
+from s2s.pipeline.messages import StageError
+from s2s.pipeline.stage import Stage, StageContext
 from tests.fakes import Append, Explode, Note, note
 from tests.harness import run_stage, texts
 

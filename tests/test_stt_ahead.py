@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.messages import Samples, SpeechSegment, Transcript, TurnClock
-from pipeline.stages import SttStage
+from s2s.pipeline.messages import Samples, SpeechSegment, Transcript, TurnClock
+from s2s.pipeline.stages import SttStage
 from tests.harness import run_stage
 
 

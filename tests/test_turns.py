@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from client.turns import TurnTracker
+from s2s.client.turns import TurnTracker
 
 
 def test_a_turn_reports_its_texts_latency_and_server_times() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast, T5Config
 
-from models.stt import packaged_tiny_en_path
+from s2s.models.stt import packaged_tiny_en_path
 
 CODEBOOKS = 4
 CODEBOOK_SIZE = 64

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.errors import require
-from pipeline.messages import Samples
+from s2s.models.errors import require
+from s2s.pipeline.messages import Samples
 
 PCM16_SCALE = 32767.0
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from client.app import ClientConfig, ClientError, VoiceClient
-from client.audio import (
+from s2s.client.app import ClientConfig, ClientError, VoiceClient
+from s2s.client.audio import (
     FileSource,
     MicrophoneSource,
     NullSink,
@@ -25,9 +25,9 @@ from client.audio import (
     SpeakerSink,
     list_devices,
 )
-from client.keys import InterruptKey
-from models.errors import ModelUnavailable
-from server import protocol
+from s2s.client.keys import InterruptKey
+from s2s.models.errors import ModelUnavailable
+from s2s.server import protocol
 
 EXIT_INTERRUPTED = 130
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from websockets.http11 import Request, Response
 from websockets.sync.server import Server, ServerConnection, serve
 
-from pipeline.deadline import Deadline
-from pipeline.echo import EchoOptions
-from pipeline.pipeline import Pipeline
-from server.protocol import MAX_FRAME_BYTES, CloseCodes
-from server.session import PipelineFactory, Session, SessionLimits
+from s2s.pipeline.deadline import Deadline
+from s2s.pipeline.echo import EchoOptions
+from s2s.pipeline.pipeline import Pipeline
+from s2s.server.protocol import MAX_FRAME_BYTES, CloseCodes
+from s2s.server.session import PipelineFactory, Session, SessionLimits
 
 log = logging.getLogger(__name__)
 

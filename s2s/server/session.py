@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection
 
-from models.audio import StreamResampler, from_pcm16, to_pcm16
-from pipeline.echo import EchoGate, EchoOptions
-from pipeline.messages import (
+from s2s.models.audio import StreamResampler, from_pcm16, to_pcm16
+from s2s.pipeline.echo import EchoGate, EchoOptions
+from s2s.pipeline.messages import (
     AudioChunk,
     Event,
     Message,
@@ -31,12 +31,20 @@ from pipeline.messages import (
     TurnInterrupted,
     TurnMetrics,
 )
-from pipeline.pipeline import Pipeline
-from pipeline.segmenter import VAD_SAMPLE_RATE_HZ
-from pipeline.stages import LlmStage
-from server import protocol
-from server.playback import ReplyLedger
-from server.protocol import CloseCodes, End, ErrorCodes, Hello, Interrupt, Playback, ProtocolError
+from s2s.pipeline.pipeline import Pipeline
+from s2s.pipeline.segmenter import VAD_SAMPLE_RATE_HZ
+from s2s.pipeline.stages import LlmStage
+from s2s.server import protocol
+from s2s.server.playback import ReplyLedger
+from s2s.server.protocol import (
+    CloseCodes,
+    End,
+    ErrorCodes,
+    Hello,
+    Interrupt,
+    Playback,
+    ProtocolError,
+)
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.messages import Samples
+from s2s.pipeline.messages import Samples
 
 LEVELS_KEPT = 512
 """Recent reply levels kept: at one per 100 ms frame, nearly a minute."""

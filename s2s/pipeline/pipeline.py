@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline.cancellation import TurnCancellation
-from pipeline.deadline import Deadline
-from pipeline.messages import Event, Message, Pill, StageError, TurnInterrupted
-from pipeline.stage import Stage, StageContext, StageRunner
+from s2s.pipeline.cancellation import TurnCancellation
+from s2s.pipeline.deadline import Deadline
+from s2s.pipeline.messages import Event, Message, Pill, StageError, TurnInterrupted
+from s2s.pipeline.stage import Stage, StageContext, StageRunner
 
 log = logging.getLogger(__name__)
 

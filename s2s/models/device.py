@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.errors import ModelUnavailable
+from s2s.models.errors import ModelUnavailable
 
 
 def resolve_device(requested: str) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.messages import Samples
+from s2s.pipeline.messages import Samples
 
 VAD_SAMPLE_RATE_HZ = 16_000
 NEGATIVE_THRESHOLD_MARGIN = 0.15

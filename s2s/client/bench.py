@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from client.app import ClientConfig, ClientError, VoiceClient
-from client.audio import FileSource, NullSink
-from client.turns import SERVER_STAGE_FIELDS
+from s2s.client.app import ClientConfig, ClientError, VoiceClient
+from s2s.client.audio import FileSource, NullSink
+from s2s.client.turns import SERVER_STAGE_FIELDS
 
 QUESTIONS = (
     "What is the capital of France?",
@@ -164,9 +164,9 @@ def prepare_questions(audio_dir: Path | None, count: int) -> list[Question]:
         if not paths:
             raise SystemExit(f"s2s-bench: error: no .wav or .flac files in {audio_dir}")
         return [Question(p, soundfile.info(str(p)).duration) for p in paths]
-    from models.audio import resample
-    from models.llm import cache_dir
-    from models.tts import TtsOptions, load_synthesizer
+    from s2s.models.audio import resample
+    from s2s.models.llm import cache_dir
+    from s2s.models.tts import TtsOptions, load_synthesizer
 
     folder = cache_dir() / "bench-questions"
     folder.mkdir(parents=True, exist_ok=True)
@@ -225,7 +225,7 @@ def probe(url: str, token: str | None) -> dict[str, Any]:
     """Connect once to check the server and learn its models."""
     from websockets.sync.client import connect
 
-    from server import protocol
+    from s2s.server import protocol
 
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import packaged_path, require
-from pipeline.messages import Samples
-from pipeline.segmenter import VAD_SAMPLE_RATE_HZ, VadEvent, VadOptions, VadSegmenter
+from s2s.models.errors import packaged_path, require
+from s2s.pipeline.messages import Samples
+from s2s.pipeline.segmenter import VAD_SAMPLE_RATE_HZ, VadEvent, VadOptions, VadSegmenter
 
 WINDOW_SAMPLES = 512
 """Silero's window at 16 kHz: 32 ms."""

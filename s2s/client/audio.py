@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.audio import resample
-from models.errors import require
-from pipeline.messages import Samples
+from s2s.models.audio import resample
+from s2s.models.errors import require
+from s2s.pipeline.messages import Samples
 
 FRAME_MS = 32
 """Audio per frame sent to the server (512 samples at 16 kHz)."""

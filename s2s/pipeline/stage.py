@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Generic, TypeVar
 
-from pipeline.cancellation import TurnCancellation
-from pipeline.messages import Event, Message, Pill, StageError
+from s2s.pipeline.cancellation import TurnCancellation
+from s2s.pipeline.messages import Event, Message, Pill, StageError
 
 log = logging.getLogger(__name__)
 

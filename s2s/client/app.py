@@ -22,11 +22,11 @@ from urllib.parse import urlparse
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from client.audio import Sink, Source
-from client.turns import TurnTracker
-from models.audio import from_pcm16, to_pcm16
-from pipeline.deadline import Deadline
-from server import protocol
+from s2s.client.audio import Sink, Source
+from s2s.client.turns import TurnTracker
+from s2s.models.audio import from_pcm16, to_pcm16
+from s2s.pipeline.deadline import Deadline
+from s2s.server import protocol
 
 log = logging.getLogger(__name__)
 

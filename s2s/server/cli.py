@@ -18,15 +18,15 @@ from dataclasses import replace
 from types import FrameType
 from typing import Any, NoReturn
 
-from models.errors import ModelUnavailable
-from models.llm import OpenAIOptions
-from models.profiles import LoadedModels, ModelProfile, load_models, profile_for
-from pipeline.echo import EchoOptions
-from pipeline.history import HistoryOptions
-from pipeline.pipeline import Pipeline
-from server.app import DEFAULT_PORT, S2SServer, ServerConfig
-from server.assembly import build_session_pipeline
-from server.session import SessionLimits
+from s2s.models.errors import ModelUnavailable
+from s2s.models.llm import OpenAIOptions
+from s2s.models.profiles import LoadedModels, ModelProfile, load_models, profile_for
+from s2s.pipeline.echo import EchoOptions
+from s2s.pipeline.history import HistoryOptions
+from s2s.pipeline.pipeline import Pipeline
+from s2s.server.app import DEFAULT_PORT, S2SServer, ServerConfig
+from s2s.server.assembly import build_session_pipeline
+from s2s.server.session import SessionLimits
 
 log = logging.getLogger("s2s.server")
 

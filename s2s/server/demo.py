@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import ModelUnavailable
-from models.tts import TtsOptions, load_synthesizer
+from s2s.models.errors import ModelUnavailable
+from s2s.models.tts import TtsOptions, load_synthesizer
 
 SERVER_START_BOUND_S = 300.0
 QUESTION = "What is the capital of France?"
