@@ -3,7 +3,8 @@
 # The README's commands, CI and both Docker images run this one script.
 #
 #   bash .ci/install.sh                 everything, for running s2s
-#   bash .ci/install.sh --dev           plus the test tools (pytest, ruff, mypy, PulseAudio)
+#   bash .ci/install.sh --dev           plus the test tools (pytest, ruff, mypy, PulseAudio,
+#                                       a Docker engine and debootstrap)
 #   bash .ci/install.sh --deps-only     the dependencies, not s2s itself (a Docker layer that
 #                                       code changes do not invalidate)
 #   bash .ci/install.sh --project-only  s2s itself, once the dependencies are in
@@ -47,6 +48,10 @@ if [[ $deps == 1 ]]; then
         command -v pulseaudio >/dev/null || apt_packages+=(pulseaudio)
         command -v paplay >/dev/null || apt_packages+=(pulseaudio-utils)
         dpkg -s libasound2-plugins >/dev/null 2>&1 || apt_packages+=(libasound2-plugins)
+        # The image test builds and runs Dockerfile.cpu on a real engine, on a Debian base
+        # made with debootstrap where Docker Hub cannot be reached.
+        command -v dockerd >/dev/null || apt_packages+=(docker.io)
+        command -v debootstrap >/dev/null || apt_packages+=(debootstrap)
     fi
     if (( ${#apt_packages[@]} )); then
         if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
