@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from s2s.models.errors import ModelUnavailable
-from s2s.models.llm import LlmOptions, TransformersChat
+from s2s.models.llm import Ctranslate2Chat, LlmOptions, TransformersChat
 from s2s.models.profiles import profile_for
 from s2s.models.stt import SttOptions, WhisperTranscriber
 from s2s.models.tts import TtsOptions, load_synthesizer
@@ -32,11 +32,15 @@ HANG_BOUND_S = 10.0
             "Qwen/Qwen2.5-1.5B-Instruct",
         ),
         (
+            lambda: Ctranslate2Chat.load(LlmOptions(model="Qwen/Qwen2.5-1.5B-Instruct")),
+            "Qwen/Qwen2.5-1.5B-Instruct",
+        ),
+        (
             lambda: load_synthesizer(TtsOptions(model="parler-tts/parler-tts-mini-v1")),
             "parler-tts/parler-tts-mini-v1",
         ),
     ],
-    ids=["stt-hub-id", "stt-size-name", "llm", "tts-parler"],
+    ids=["stt-hub-id", "stt-size-name", "llm-transformers", "llm-ctranslate2", "tts-parler"],
 )
 def test_a_hub_model_that_is_not_cached_fails_fast_and_says_how_to_fetch_it(
     load: object, model_id: str, monkeypatch: pytest.MonkeyPatch

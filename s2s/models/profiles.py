@@ -7,14 +7,14 @@ overridden after the profile is chosen.
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from s2s.models.device import resolve_device
 from s2s.models.llm import (
     CPU_DEFAULT_LLM,
     CUDA_DEFAULT_LLM,
+    Ctranslate2Chat,
     LlmOptions,
     OpenAICompatibleChat,
     OpenAIOptions,
@@ -67,20 +67,30 @@ def override(profile: ModelProfile, **changes: object) -> ModelProfile:
     return replace(profile, **changes)  # type: ignore[arg-type]
 
 
+LlmBackend = Ctranslate2Chat | TransformersChat | OpenAICompatibleChat
+
+
 @dataclass
 class LoadedModels:
-    """The models a server loads once and every session shares, each behind its own lock
-    (a session holds a model only for one call: a transcription, a reply, a chunk of speech)."""
+    """The models a server loads once and every session shares. Each serves several sessions
+    at once (CTranslate2's workers, onnxruntime, a remote server) or lets them take turns per
+    step (transformers, Parler, Piper's phonemizer): none is locked for a whole reply."""
 
     profile: ModelProfile
     vad: SileroVad
     stt: WhisperTranscriber
-    llm: TransformersChat | OpenAICompatibleChat
+    llm: LlmBackend
     tts: Synthesizer
     load_s: dict[str, float]
-    stt_lock: threading.Lock = field(default_factory=threading.Lock)
-    llm_lock: threading.Lock = field(default_factory=threading.Lock)
-    tts_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def with_concurrency(profile: ModelProfile, sessions: int) -> ModelProfile:
+    """The profile with its engines sized to serve ``sessions`` sessions at once."""
+    return replace(
+        profile,
+        stt=replace(profile.stt, concurrency=sessions),
+        llm=replace(profile.llm, concurrency=sessions),
+    )
 
 
 def load_models(profile: ModelProfile) -> LoadedModels:
@@ -91,12 +101,15 @@ def load_models(profile: ModelProfile) -> LoadedModels:
     timings["vad"] = time.monotonic() - began
     stt = WhisperTranscriber.load(profile.stt)
     timings["stt"] = stt.load_s
-    llm: TransformersChat | OpenAICompatibleChat
+    llm: LlmBackend
     if profile.openai is not None:
         llm = OpenAICompatibleChat(profile.openai)
         timings["llm"] = 0.0
-    else:
+    elif profile.llm.engine == "transformers":
         llm = TransformersChat.load(profile.llm)
+        timings["llm"] = llm.load_s
+    else:
+        llm = Ctranslate2Chat.load(profile.llm)
         timings["llm"] = llm.load_s
     began = time.monotonic()
     tts = load_synthesizer(profile.tts)

@@ -47,7 +47,9 @@ class SttOptions:
     language: str | None = "en"
     beam_size: int = 1
     cpu_threads: int = 0
-    """0: all cores."""
+    """Threads per transcription; 0: the cores shared out among ``concurrency`` workers."""
+    concurrency: int = 1
+    """Transcriptions served at once (faster-whisper's num_workers): the session limit."""
 
 
 def packaged_tiny_en_path() -> Path:
@@ -56,8 +58,16 @@ def packaged_tiny_en_path() -> Path:
     )
 
 
+def _threads_per_worker(workers: int) -> int:
+    """The cores shared among the workers, at least one each: more threads than cores only
+    makes concurrent transcriptions fight for them."""
+    cores = os.cpu_count() or 1
+    return max(1, cores // max(1, min(workers, cores)))
+
+
 class WhisperTranscriber:
-    """A loaded faster-whisper model. ``transcribe`` is safe to call from several sessions."""
+    """A loaded faster-whisper model. ``transcribe`` may be called by ``concurrency`` sessions
+    at once, in parallel (faster-whisper's workers); more wait inside CTranslate2."""
 
     def __init__(self, model: object, options: SttOptions, load_s: float) -> None:
         self._model = model
@@ -82,7 +92,8 @@ class WhisperTranscriber:
                 source,  # must be a str: faster-whisper treats other types as sizes
                 device="cuda" if options.device == "cuda" else "cpu",
                 compute_type=compute_type,
-                cpu_threads=options.cpu_threads or (os.cpu_count() or 1),
+                cpu_threads=options.cpu_threads or _threads_per_worker(options.concurrency),
+                num_workers=max(1, options.concurrency),
             )
         except Exception as exc:
             raise ModelUnavailable(f"faster-whisper could not load {source!r}: {exc}") from exc

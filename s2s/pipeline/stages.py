@@ -1,15 +1,15 @@
 """The four stages of a voice turn: VAD -> STT -> LLM -> TTS.
 
 Each takes its model through the constructor (already loaded, possibly shared with other
-sessions) and only moves items: the models live in ``models/``.
+sessions) and only moves items: the models live in ``s2s/models/``. No stage holds a lock on a
+model: each model serves several sessions at once or takes turns per step itself, so no
+session's output ever waits on another session's whole reply.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 import numpy as np
@@ -69,11 +69,6 @@ class Resampler(Protocol):
 
 ECHO_DIP_S = 0.1
 """Within speech over echo, quieter moments up to this long (between syllables) do not end it."""
-
-
-def _shared(lock: threading.Lock | None) -> AbstractContextManager[object]:
-    """A model shared by several sessions is used under its lock; a private one needs none."""
-    return lock if lock is not None else nullcontext()
 
 
 # --- VAD ------------------------------------------------------------------------------------
@@ -223,9 +218,8 @@ class SttStage(Stage[SpeechSegment, Transcript]):
 
     name = "stt"
 
-    def __init__(self, transcriber: Transcriber, model_lock: threading.Lock | None = None) -> None:
+    def __init__(self, transcriber: Transcriber) -> None:
         self._transcriber = transcriber
-        self._model_lock = model_lock
         self._ahead: tuple[tuple[int, int], str] | None = None
         self.reused_ahead = 0
         """Final segments whose text was already transcribed ahead (for tests and metrics)."""
@@ -252,8 +246,7 @@ class SttStage(Stage[SpeechSegment, Transcript]):
         )
 
     def _transcribe(self, samples: Samples) -> str:
-        with _shared(self._model_lock):
-            return self._transcriber.transcribe(samples)
+        return self._transcriber.transcribe(samples)
 
 
 # --- LLM ------------------------------------------------------------------------------------
@@ -274,13 +267,11 @@ class LlmStage(Stage[Transcript, ReplyText]):
         backend: ChatBackend,
         history: ChatHistory,
         chunker_options: ChunkerOptions | None = None,
-        model_lock: threading.Lock | None = None,
         whole_reply: bool = False,
     ) -> None:
         self._backend = backend
         self.history = history
         self._chunker_options = chunker_options
-        self._model_lock = model_lock
         self._whole_reply = whole_reply
 
     def handle(self, item: Transcript, ctx: StageContext) -> Iterator[ReplyText]:
@@ -309,13 +300,13 @@ class LlmStage(Stage[Transcript, ReplyText]):
             return out
 
         try:
-            with _shared(self._model_lock):
-                for delta in self._backend.stream(self.history.prompt(item.text), should_stop):
-                    clock = clock.stamp(first_token_at=time.monotonic())
-                    reply.append(delta)
-                    if not self._whole_reply:
-                        for text in chunker.push(delta):
-                            yield chunk(text, is_last=False)
+            # No lock here: the backend serves sessions at once, or takes turns per step.
+            for delta in self._backend.stream(self.history.prompt(item.text), should_stop):
+                clock = clock.stamp(first_token_at=time.monotonic())
+                reply.append(delta)
+                if not self._whole_reply:
+                    for text in chunker.push(delta):
+                        yield chunk(text, is_last=False)
             rest = ["".join(reply).strip()] if self._whole_reply else chunker.finish()
             yield chunk(rest[0] if rest else "", is_last=True)
             finished = True
@@ -344,14 +335,12 @@ class TtsStage(Stage[ReplyText, ReplyAudio]):
         synthesizer: Synthesizer,
         output_rate_hz: int,
         make_resampler: Callable[[int, int], Resampler],
-        model_lock: threading.Lock | None = None,
         whole_reply: bool = False,
     ) -> None:
         self._whole_reply = whole_reply
         self._synthesizer = synthesizer
         self._output_rate_hz = output_rate_hz
         self._make_resampler = make_resampler
-        self._model_lock = model_lock
         self._turns_with_audio: set[tuple[int, int]] = set()
 
     def handle(self, item: ReplyText, ctx: StageContext) -> Iterator[ReplyAudio]:
@@ -371,9 +360,8 @@ class TtsStage(Stage[ReplyText, ReplyAudio]):
     def _speak(
         self, text: str, resampler: Resampler, should_stop: Callable[[], bool]
     ) -> Iterator[Samples]:
-        with _shared(self._model_lock):
-            for samples in self._synthesizer.stream(text, should_stop):
-                yield resampler.push(samples)
+        for samples in self._synthesizer.stream(text, should_stop):
+            yield resampler.push(samples)
         yield resampler.push(np.zeros(0, dtype=np.float32), last=True)
 
     def _audio(

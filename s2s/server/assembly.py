@@ -47,11 +47,9 @@ def build_session_pipeline(
             echo_gate,
             vad_options.min_speech_ms,
         ),
-        SttStage(models.stt, models.stt_lock),
-        LlmStage(models.llm, history, chunker_options, models.llm_lock, whole_reply=baseline),
-        TtsStage(
-            models.tts, output_rate_hz, StreamResampler, models.tts_lock, whole_reply=baseline
-        ),
+        SttStage(models.stt),
+        LlmStage(models.llm, history, chunker_options, whole_reply=baseline),
+        TtsStage(models.tts, output_rate_hz, StreamResampler, whole_reply=baseline),
     ]
     return Pipeline(
         stages,

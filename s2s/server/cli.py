@@ -19,8 +19,14 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from s2s.models.errors import ModelUnavailable
-from s2s.models.llm import OpenAIOptions
-from s2s.models.profiles import LoadedModels, ModelProfile, load_models, profile_for
+from s2s.models.llm import ENGINES, OpenAIOptions
+from s2s.models.profiles import (
+    LoadedModels,
+    ModelProfile,
+    load_models,
+    profile_for,
+    with_concurrency,
+)
 from s2s.pipeline.echo import EchoOptions
 from s2s.pipeline.history import HistoryOptions
 from s2s.pipeline.pipeline import Pipeline
@@ -73,7 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     option("idle-timeout-s", "close a connection silent this long (default 300)", "300")
     option("stt-model", "faster-whisper size, hub id or directory (default: the device profile's)")
     option("stt-language", "language code for STT, or 'auto' (default en)", "en")
-    option("llm-model", "transformers hub id or directory (default: the device profile's)")
+    option(
+        "llm-engine",
+        "ctranslate2 (default: converted once and cached; Llama, Qwen2/3, Gemma, Mistral, ...), "
+        "or transformers; --llm-base-url picks a remote server instead",
+        "ctranslate2",
+        choices=list(ENGINES),
+    )
+    option("llm-model", "hub id or directory of a chat model (default: the device profile's)")
+    option(
+        "llm-dtype",
+        "compute type: auto (ctranslate2: int8 on cpu, float16 on cuda; transformers: "
+        "bfloat16), or e.g. float32, int8_float16",
+        "auto",
+    )
     option("llm-base-url", "use an OpenAI-compatible server (vLLM, llama.cpp, Ollama) at this URL")
     option("llm-remote-model", "model name on that server", "default")
     option("llm-api-key", "API key for that server", "")
@@ -106,7 +125,9 @@ def profile_from_args(args: argparse.Namespace) -> ModelProfile:
     stt = replace(stt, language=None if args.stt_language == "auto" else args.stt_language)
     if args.llm_model:
         llm = replace(llm, model=args.llm_model)
-    llm = replace(llm, max_new_tokens=int(args.max_new_tokens))
+    llm = replace(
+        llm, max_new_tokens=int(args.max_new_tokens), engine=args.llm_engine, dtype=args.llm_dtype
+    )
     if args.tts_model:
         tts = replace(tts, model=args.tts_model)
     if args.voice_description:
@@ -125,7 +146,8 @@ def profile_from_args(args: argparse.Namespace) -> ModelProfile:
             api_key=args.llm_api_key,
             max_new_tokens=int(args.max_new_tokens),
         )
-    return replace(profile, stt=stt, llm=llm, tts=tts, vad=vad, openai=openai)
+    profile = replace(profile, stt=stt, llm=llm, tts=tts, vad=vad, openai=openai)
+    return with_concurrency(profile, int(args.max_sessions))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +244,7 @@ def models_info(models: LoadedModels) -> dict[str, str]:
     llm = (
         f"{profile.openai.model} at {profile.openai.base_url}"
         if profile.openai
-        else profile.llm.model
+        else f"{profile.llm.model} ({profile.llm.engine})"
     )
     return {
         "device": profile.device,
