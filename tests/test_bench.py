@@ -24,7 +24,8 @@ STAGES = (
 
 
 def test_bench_spawns_a_server_and_reports_every_stage(tmp_path: Path) -> None:
-    """Per-turn and summary figures for every stage, for streaming and baseline, and a PNG."""
+    """Per-turn and summary figures for every stage, for streaming at two concurrency levels
+    and the baseline (which the server really ran as such), and a PNG."""
     out, chart = tmp_path / "r.json", tmp_path / "r.png"
     done = subprocess.run(
         [
@@ -38,6 +39,8 @@ def test_bench_spawns_a_server_and_reports_every_stage(tmp_path: Path) -> None:
             "2",
             "--warmup",
             "0",
+            "--concurrency",
+            "1,2",
             "--out",
             str(out),
             "--plot",
@@ -50,14 +53,32 @@ def test_bench_spawns_a_server_and_reports_every_stage(tmp_path: Path) -> None:
     print(done.stdout[-3000:])
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
-    assert set(results["modes"]) == {"streaming", "baseline"}
+    assert set(results["modes"]) == {"streaming x1", "baseline x1", "streaming x2"}
     assert results["models"]["llm"] and results["machine"]
     for mode in results["modes"].values():
         assert len(mode["turns"]) == 2 and mode["summary"]["failed"] == 0
         for turn in mode["turns"]:
+            assert turn["pipeline"] == mode["pipeline"]  # the server's own word in `ready`
             assert all(isinstance(turn[stage], int | float) for stage in STAGES)
         for stage in STAGES:
             figures = mode["summary"][stage]
             assert figures["p50"] <= figures["p90"] <= figures["p95"] <= figures["max"]
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "voice_to_voice_ms" in done.stdout  # the table
+
+
+def test_refused_turns_count_as_failed(tmp_path: Path) -> None:
+    """Two users against a one-session server: the refused turns are counted as failed in the
+    summary and the exit status, not dropped."""
+    out = tmp_path / "r.json"
+    command = [str(BIN / "s2s-bench"), "--spawn-server", "--server-arg=--max-sessions=1"]
+    command += ["--runs", "2", "--questions", "2", "--warmup", "0", "--concurrency", "3"]
+    command += ["--no-compare-baseline", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    print(done.stdout[-2000:])
+    results = json.loads(out.read_text())
+    [level] = results["modes"].values()
+    failed = [turn for turn in level["turns"] if "error" in turn]
+    assert len(level["turns"]) == 4  # every turn is reported, answered or not
+    assert failed and level["summary"]["failed"] == len(failed)
+    assert done.returncode == 3, done.stderr[-2000:]

@@ -4,8 +4,11 @@ Method: every question is streamed in real time as a client would (``s2s-client 
 logic, one connection per question so that history never grows), and the client measures
 voice-to-voice latency: from the end of the user's speech in the sent audio to the first reply
 audio received. The server reports its own time in each stage. Warm-up turns are not counted.
-Each pipeline mode (streaming, and with ``--compare-baseline`` the no-overlap baseline) runs
-against the same server in the same run. Percentiles are over all counted turns.
+Each pipeline mode (streaming, and with ``--compare-baseline`` the no-overlap baseline, at
+the first concurrency level) runs against the same server in the same run. Each concurrency
+level runs that many simulated users at once, staggered as real users are (each starts at a
+random moment of the first turn's length and pauses 0.5-2 s between turns); a refused or
+failed turn counts as failed. Percentiles are over all counted turns of a level.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import signal
 import socket
 import subprocess
@@ -54,6 +58,8 @@ BREAKDOWN = (
 LEAD_SILENCE_S = 0.3
 SPAWN_BOUND_S = 600.0
 QUESTION_RATE_HZ = 16_000
+USER_PAUSE_S = (0.5, 2.0)
+"""A simulated user's pause between one answer and the next question."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"how many built-in questions (default {len(QUESTIONS)})",
     )
     parser.add_argument("--audio-dir", type=Path, help="your own questions (.wav/.flac) instead")
-    parser.add_argument("--concurrency", type=int, default=1, help="clients at once")
+    parser.add_argument(
+        "--concurrency",
+        type=concurrency_levels,
+        default=[1],
+        help="users at once; a comma-separated list runs each level in turn (e.g. 1,2,4)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="turns not counted, per mode")
     parser.add_argument(
         "--compare-baseline",
@@ -106,9 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url
     try:
         if args.spawn_server:
-            server, url = spawn_server(args.device, args.server_arg)
+            extra = list(args.server_arg)
+            if not any(a.startswith("--max-sessions") for a in extra):
+                extra += ["--max-sessions", str(max(args.concurrency))]
+            server, url = spawn_server(args.device, extra)
         ready = probe(url, args.token)
-        modes = ["streaming"] + (["baseline"] if args.compare_baseline else [])
+        levels = [("streaming", c) for c in args.concurrency]
+        if args.compare_baseline:
+            levels.insert(1, ("baseline", args.concurrency[0]))
         results: dict[str, Any] = {
             "method": __doc__.strip().split("\n\n", 1)[1].replace("\n", " "),
             "machine": machine(),
@@ -121,16 +137,19 @@ def main(argv: list[str] | None = None) -> int:
             ],
             "modes": {},
         }
-        for mode in modes:
+        for mode, concurrency in levels:
             print(
                 f"[bench] {mode}: {args.warmup} warm-up turn(s), then {args.runs} x "
-                f"{len(questions)} questions, {args.concurrency} at a time",
+                f"{len(questions)} questions, {concurrency} at a time",
                 flush=True,
             )
-            turns = run_mode(
-                url, args.token, mode, questions, args.runs, args.concurrency, args.warmup
-            )
-            results["modes"][mode] = {"turns": turns, "summary": summarize(turns)}
+            turns = run_mode(url, args.token, mode, questions, args.runs, concurrency, args.warmup)
+            results["modes"][f"{mode} x{concurrency}"] = {
+                "pipeline": mode,
+                "concurrency": concurrency,
+                "turns": turns,
+                "summary": summarize(turns),
+            }
     except (ClientError, RuntimeError) as exc:
         print(f"s2s-bench: error: {exc}", file=sys.stderr)
         return 1
@@ -144,13 +163,27 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
     print_table(results)
+    failed = sum(mode["summary"]["failed"] for mode in results["modes"].values())
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
         print(f"[bench] wrote {args.out}")
     if args.plot:
         plot(results, args.plot)
         print(f"[bench] wrote {args.plot}")
+    if failed:
+        print(f"s2s-bench: {failed} turn(s) failed", file=sys.stderr)
+        return 3
     return 0
+
+
+def concurrency_levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError("concurrency levels must be 1 or more")
+    return levels
 
 
 # --- questions -----------------------------------------------------------------------------
@@ -247,14 +280,18 @@ def one_turn(url: str, token: str | None, mode: str, question: Question) -> dict
     )
     try:
         outcome = client.run()
+    except Exception as exc:  # a refused or broken connection is a failed turn, not a crash
+        return {"question": question.path.name, "error": f"{type(exc).__name__}: {exc}"}
     finally:
         client.close()
     turns = [e for e in events if e.get("type") == "turn"]
     if outcome.exit_code != 0 or not turns:
         return {"question": question.path.name, "error": outcome.message or "no turn"}
     turn = turns[0]
+    ready = next((e for e in events if e.get("type") == "ready"), {})
     row: dict[str, Any] = {
         "question": question.path.name,
+        "pipeline": ready.get("options", {}).get("pipeline"),
         "speech_s": round(question.speech_s, 2),
         "user_text": turn["user_text"],
         "assistant_text": turn["assistant_text"],
@@ -282,24 +319,38 @@ def run_mode(
     work = [q for _ in range(runs) for q in questions]
     turns: list[dict[str, Any]] = []
     work_lock = threading.Lock()  # guards work and turns
+    # Users do not arrive in lockstep: each starts somewhere within the first question's length
+    # and pauses between turns (listening to the answer, thinking). Seeded: runs compare.
+    chance = random.Random(concurrency)
+    first_s = questions[0].speech_s + 1.0
+    starts = [0.0] + [chance.uniform(0, first_s) for _ in range(concurrency - 1)]
+    pauses = [chance.uniform(*USER_PAUSE_S) for _ in range(len(work))]
 
-    def worker() -> None:
+    def worker(start_s: float) -> None:
+        time.sleep(start_s)
         while True:
             with work_lock:
                 if not work:
                     return
                 question = work.pop(0)
+                pause_s = pauses.pop()
             row = one_turn(url, token, mode, question)
             with work_lock:
                 turns.append(row)
                 done = len(turns)
             shown = row.get("voice_to_voice_ms", row.get("error"))
             print(
-                f"  [{mode} {done}/{runs * len(questions)}] {question.path.name}: {shown}",
+                f"  [{mode} x{concurrency} {done}/{runs * len(questions)}] "
+                f"{question.path.name}: {shown}",
                 flush=True,
             )
+            if concurrency > 1:
+                time.sleep(pause_s)
 
-    threads = [threading.Thread(target=worker, name=f"bench-{i}") for i in range(concurrency)]
+    threads = [
+        threading.Thread(target=worker, args=(start,), name=f"bench-{i}")
+        for i, start in enumerate(starts)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
