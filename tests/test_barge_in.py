@@ -73,7 +73,7 @@ def chat(cpu_models: LoadedModels) -> RecordingChat:
 @pytest.fixture
 def server(cpu_models: LoadedModels, chat: RecordingChat) -> Iterator[Running]:
     # The recording wrapper stands in for the LLM (it has the same two methods).
-    models = dataclasses.replace(cpu_models, llm=chat)  # type: ignore[arg-type]
+    models = dataclasses.replace(cpu_models, llm=chat)
     history = HistoryOptions(system_prompt=LONG_ANSWERS)
 
     def build(**kwargs: object) -> Pipeline:

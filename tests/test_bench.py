@@ -24,8 +24,9 @@ STAGES = (
 
 
 def test_bench_spawns_a_server_and_reports_every_stage(tmp_path: Path) -> None:
-    """Per-turn and summary figures for every stage, for streaming at two concurrency levels
-    and the baseline (which the server really ran as such), and a PNG."""
+    """Per-turn and summary figures for every stage, for streaming at two concurrency levels,
+    streaming without speculation and the baseline (each really run as such by the server),
+    speculation outcomes counted, and a PNG."""
     out, chart = tmp_path / "r.json", tmp_path / "r.png"
     done = subprocess.run(
         [
@@ -53,16 +54,25 @@ def test_bench_spawns_a_server_and_reports_every_stage(tmp_path: Path) -> None:
     print(done.stdout[-3000:])
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
-    assert set(results["modes"]) == {"streaming x1", "baseline x1", "streaming x2"}
+    assert set(results["modes"]) == {
+        "streaming x1",
+        "no-speculation x1",
+        "baseline x1",
+        "streaming x2",
+    }
     assert results["models"]["llm"] and results["machine"]
     for mode in results["modes"].values():
         assert len(mode["turns"]) == 2 and mode["summary"]["failed"] == 0
         for turn in mode["turns"]:
             assert turn["pipeline"] == mode["pipeline"]  # the server's own word in `ready`
             assert all(isinstance(turn[stage], int | float) for stage in STAGES)
+        if mode["pipeline"] != "streaming":
+            assert sum(mode["summary"]["speculation"].values()) == 0
         for stage in STAGES:
             figures = mode["summary"][stage]
             assert figures["p50"] <= figures["p90"] <= figures["p95"] <= figures["max"]
+    # Alone on the server, every streaming turn is speculated at its pause and confirmed.
+    assert results["modes"]["streaming x1"]["summary"]["speculation"]["hit"] == 2
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "voice_to_voice_ms" in done.stdout  # the table
 

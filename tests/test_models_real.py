@@ -9,8 +9,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from s2s.models.llm import TransformersChat
-from s2s.models.profiles import LlmBackend, LoadedModels
+from s2s.models.llm import ChatBackend, TransformersChat
+from s2s.models.profiles import LoadedModels
 from s2s.models.vad import StreamingVad
 from s2s.pipeline.messages import AudioChunk, Event, Message, ReplyAudio, StageError, TurnMetrics
 from s2s.pipeline.pipeline import Pipeline
@@ -68,7 +68,7 @@ def test_stt_transcribes_the_question(cpu_models: LoadedModels) -> None:
 
 
 @pytest.fixture(scope="module", params=["ctranslate2", "transformers"])
-def llm(request: pytest.FixtureRequest, cpu_models: LoadedModels) -> LlmBackend:
+def llm(request: pytest.FixtureRequest, cpu_models: LoadedModels) -> ChatBackend:
     """SmolLM2 on each local engine: the server's own (CTranslate2 by default), and
     transformers loaded beside it."""
     if request.param == cpu_models.profile.llm.engine:
@@ -76,7 +76,7 @@ def llm(request: pytest.FixtureRequest, cpu_models: LoadedModels) -> LlmBackend:
     return TransformersChat.load(replace(cpu_models.profile.llm, engine=request.param))
 
 
-def test_llm_streams_an_answer_with_paris(llm: LlmBackend) -> None:
+def test_llm_streams_an_answer_with_paris(llm: ChatBackend) -> None:
     """SmolLM2 streams several deltas, and the answer names Paris."""
     messages = [
         {
@@ -92,7 +92,7 @@ def test_llm_streams_an_answer_with_paris(llm: LlmBackend) -> None:
     assert "paris" in answer.lower()
 
 
-def test_llm_stops_within_one_step_on_cancel(llm: LlmBackend) -> None:
+def test_llm_stops_within_one_step_on_cancel(llm: ChatBackend) -> None:
     """Once should_stop turns true, no further delta is produced."""
     produced = 0
 
@@ -115,8 +115,15 @@ def test_a_spoken_question_is_answered_in_speech_end_to_end(cpu_models: LoadedMo
         assert isinstance(item, ReplyAudio)
         replies.append(item)
 
+    # No speculation: without a session to hold a speculative reply back, this test reads
+    # the stages' own times for a confirmed turn.
     pipeline: Pipeline = build_session_pipeline(
-        cpu_models, session_id="t", output_rate_hz=16_000, deliver=deliver, on_event=events.append
+        cpu_models,
+        session_id="t",
+        output_rate_hz=16_000,
+        deliver=deliver,
+        on_event=events.append,
+        speculate=False,
     )
     pipeline.start()
     for index in range(0, len(audio), CHUNK_SAMPLES):

@@ -10,6 +10,7 @@ from s2s.pipeline.segmenter import (
     VadEvent,
     VadOptions,
     VadPaused,
+    VadResumed,
     VadSegmenter,
     VadStarted,
 )
@@ -82,7 +83,23 @@ def test_a_short_pause_does_not_end_the_turn() -> None:
     """A pause shorter than min_silence_ms keeps one segment."""
     options = VadOptions(min_speech_ms=100, min_silence_ms=500, speech_pad_ms=0)
     events = run([0.9] * 10 + [0.0] * 8 + [0.9] * 10 + [0.0] * 20, options)
-    assert [type(e) for e in events] == [VadStarted, VadPaused, VadPaused, VadEnded]
+    kinds = [VadStarted, VadPaused, VadResumed, VadPaused, VadEnded]
+    assert [type(e) for e in events] == kinds
+
+
+def test_speech_after_a_pause_is_reported_where_it_resumes() -> None:
+    """A new onset follows the pause: VadResumed at the first window of the new speech, once."""
+    options = VadOptions(min_speech_ms=100, min_silence_ms=500, speech_pad_ms=0)
+    events = run([0.9] * 10 + [0.0] * 8 + [0.9] * 10 + [0.0] * 20, options)
+    [resumed] = [e for e in events if isinstance(e, VadResumed)]
+    assert resumed.sample_index == 18 * WINDOW
+
+
+def test_no_resume_without_a_pause() -> None:
+    """Continuous speech, or a dip too short to report a pause, never reports a resumption."""
+    options = VadOptions(min_speech_ms=100, min_silence_ms=500, pause_after_ms=200)
+    events = run([0.9] * 10 + [0.0] * 3 + [0.9] * 10 + [0.0] * 20, options)
+    assert not [e for e in events if isinstance(e, VadResumed)]
 
 
 def test_padding_is_kept_on_both_sides() -> None:

@@ -49,8 +49,9 @@ class ClientConfig:
     half_duplex: bool = False
     exit_after_reply: bool = False
     """Headless file mode: exit once the speech in the file has been answered."""
-    baseline: bool = False
-    """Ask for the benchmark's baseline pipeline (no overlaps between stages)."""
+    pipeline: str = "streaming"
+    """The server pipeline to ask for: streaming (default), no-speculation or baseline (the
+    benchmark's comparisons; see PROTOCOL.md)."""
 
 
 @dataclass
@@ -165,7 +166,7 @@ class VoiceClient:
             )
             self._connection.send(
                 protocol.hello(
-                    self._source.sample_rate_hz, self._sink.sample_rate_hz, self.config.baseline
+                    self._source.sample_rate_hz, self._sink.sample_rate_hz, self.config.pipeline
                 )
             )
             ready = json.loads(self._connection.recv(timeout=CONNECT_TIMEOUT_S))

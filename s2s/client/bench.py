@@ -4,8 +4,9 @@ Method: every question is streamed in real time as a client would (``s2s-client 
 logic, one connection per question so that history never grows), and the client measures
 voice-to-voice latency: from the end of the user's speech in the sent audio to the first reply
 audio received. The server reports its own time in each stage. Warm-up turns are not counted.
-Each pipeline mode (streaming, and with ``--compare-baseline`` the no-overlap baseline, at
-the first concurrency level) runs against the same server in the same run. Each concurrency
+Each pipeline mode (streaming, which speculates the reply during the end-of-turn wait, and
+with ``--compare-baseline``, at the first concurrency level, streaming without speculation
+and the no-overlap baseline) runs against the same server in the same run. Each concurrency
 level runs that many simulated users at once, staggered as real users are (each starts at a
 random moment of the first turn's length and pauses 0.5-2 s between turns); a refused or
 failed turn counts as failed. Percentiles are over all counted turns of a level.
@@ -47,7 +48,7 @@ QUESTIONS = (
     "Hello!",
     "What time of year is best for visiting Japan?",
 )
-METRICS = ("voice_to_voice_ms", *SERVER_STAGE_FIELDS, "transport_ms")
+METRICS = ("voice_to_voice_ms", *SERVER_STAGE_FIELDS, "transport_ms", "speculation_saved_ms")
 BREAKDOWN = (
     ("end_of_turn_ms", "end-of-turn wait"),
     ("stt_ms", "STT"),
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run the no-overlap baseline (default on)",
+        help="also run, at the first level, streaming without speculation and the no-overlap "
+        "baseline (default on)",
     )
     parser.add_argument("--out", type=Path, help="write per-turn and summary figures as JSON")
     parser.add_argument("--plot", type=Path, help="write a PNG chart of the breakdown")
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         ready = probe(url, args.token)
         levels = [("streaming", c) for c in args.concurrency]
         if args.compare_baseline:
-            levels.insert(1, ("baseline", args.concurrency[0]))
+            first = args.concurrency[0]
+            levels[1:1] = [("no-speculation", first), ("baseline", first)]
         results: dict[str, Any] = {
             "method": __doc__.strip().split("\n\n", 1)[1].replace("\n", " "),
             "machine": machine(),
@@ -273,7 +276,7 @@ def probe(url: str, token: str | None) -> dict[str, Any]:
 def one_turn(url: str, token: str | None, mode: str, question: Question) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     client = VoiceClient(
-        ClientConfig(url=url, token=token, exit_after_reply=True, baseline=mode == "baseline"),
+        ClientConfig(url=url, token=token, exit_after_reply=True, pipeline=mode),
         FileSource(question.path, QUESTION_RATE_HZ),
         NullSink(QUESTION_RATE_HZ),
         events.append,
@@ -363,6 +366,10 @@ def run_mode(
 
 def summarize(turns: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"turns": len(turns), "failed": sum("error" in t for t in turns)}
+    outcomes = [t.get("speculation") for t in turns if "error" not in t]
+    summary["speculation"] = {
+        outcome: outcomes.count(outcome) for outcome in ("hit", "missed", "discarded")
+    }
     for metric in (*METRICS, "stt_rtf"):
         values = [t[metric] for t in turns if isinstance(t.get(metric), int | float)]
         if values:

@@ -18,6 +18,8 @@ SERVER_STAGE_FIELDS = (
     "tts_first_audio_ms",
     "server_voice_to_voice_ms",
 )
+SPECULATION_FIELDS = ("speculation", "speculation_saved_ms")
+"""Whether the reply was speculated during the end-of-turn wait, and what that saved."""
 
 
 @dataclass
@@ -98,7 +100,8 @@ class TurnTracker:
             elif kind == "reply_text":
                 turn.reply_chunks.append(str(event.get("text", "")))
             elif kind == "metrics":
-                turn.server = {name: event.get(name) for name in SERVER_STAGE_FIELDS}
+                fields = (*SERVER_STAGE_FIELDS, *SPECULATION_FIELDS)
+                turn.server = {name: event.get(name) for name in fields}
             elif kind == "reply_audio_start":
                 self._speaking_turn = turn_id
             elif kind == "reply_audio_end":

@@ -8,12 +8,13 @@ overridden after the profile is chosen.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from s2s.models.device import resolve_device
 from s2s.models.llm import (
     CPU_DEFAULT_LLM,
     CUDA_DEFAULT_LLM,
+    ChatBackend,
     Ctranslate2Chat,
     LlmOptions,
     OpenAICompatibleChat,
@@ -30,6 +31,8 @@ from s2s.models.tts import (
 )
 from s2s.models.vad import SileroVad
 from s2s.pipeline.segmenter import VadOptions
+from s2s.pipeline.speculation import SpeculationPolicy
+from s2s.pipeline.stages import Transcriber
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +70,6 @@ def override(profile: ModelProfile, **changes: object) -> ModelProfile:
     return replace(profile, **changes)  # type: ignore[arg-type]
 
 
-LlmBackend = Ctranslate2Chat | TransformersChat | OpenAICompatibleChat
-
-
 @dataclass
 class LoadedModels:
     """The models a server loads once and every session shares. Each serves several sessions
@@ -78,10 +78,12 @@ class LoadedModels:
 
     profile: ModelProfile
     vad: SileroVad
-    stt: WhisperTranscriber
-    llm: LlmBackend
+    stt: Transcriber
+    llm: ChatBackend
     tts: Synthesizer
     load_s: dict[str, float]
+    speculation: SpeculationPolicy = field(default_factory=SpeculationPolicy)
+    """Whether sessions may start replies at pauses (shared: confirmed work comes first)."""
 
 
 def with_concurrency(profile: ModelProfile, sessions: int) -> ModelProfile:
@@ -101,7 +103,7 @@ def load_models(profile: ModelProfile) -> LoadedModels:
     timings["vad"] = time.monotonic() - began
     stt = WhisperTranscriber.load(profile.stt)
     timings["stt"] = stt.load_s
-    llm: LlmBackend
+    llm: ChatBackend
     if profile.openai is not None:
         llm = OpenAICompatibleChat(profile.openai)
         timings["llm"] = 0.0

@@ -9,6 +9,11 @@ from typing import Literal, TypedDict
 
 INTERRUPTED_MARK = " …"
 """Appended to a reply the user cut off, so the model sees it was not finished."""
+SETTLED_KEYS_KEPT = 16
+"""Outcomes of speculative turns remembered for a reply recorded after its outcome."""
+
+SpeculationKey = tuple[int, int]
+"""(turn id, generation) of a speculative reply."""
 
 
 class ChatMessage(TypedDict):
@@ -46,6 +51,8 @@ class ChatHistory:
         self._exchanges_lock = threading.Lock()  # guards _exchanges and _heard
         self._exchanges: list[_Exchange] = []
         self._heard: dict[int, str] = {}
+        self._pending: dict[SpeculationKey, _Exchange] = {}  # speculative, not yet settled
+        self._settled: dict[SpeculationKey, bool] = {}  # settled before their record came
 
     def prompt(self, user_text: str) -> list[ChatMessage]:
         messages: list[ChatMessage] = [{"role": "system", "content": self._options.system_prompt}]
@@ -68,6 +75,34 @@ class ChatHistory:
             reply = reply_text.strip() + (INTERRUPTED_MARK if interrupted else "")
             self._exchanges.append(_Exchange(turn_id, user_text.strip(), reply))
             self._trim()
+
+    def record_speculative(
+        self, key: SpeculationKey, user_text: str, reply_text: str, interrupted: bool = False
+    ) -> None:
+        """Like ``record``, for a reply speculated at a pause: it joins the history only once
+        ``settle(key, keep=True)`` is called (before or after this)."""
+        with self._exchanges_lock:
+            keep = self._settled.pop(key, None)
+            if keep is None:
+                reply = reply_text.strip() + (INTERRUPTED_MARK if interrupted else "")
+                self._pending[key] = _Exchange(key[0], user_text.strip(), reply)
+                return
+        if keep:
+            self.record(user_text, reply_text, interrupted, turn_id=key[0])
+
+    def settle(self, key: SpeculationKey, keep: bool) -> None:
+        """The speculative reply ``key`` was confirmed (``keep``) or thrown away."""
+        with self._exchanges_lock:
+            exchange = self._pending.pop(key, None)
+            if exchange is None:
+                self._settled[key] = keep
+                while len(self._settled) > SETTLED_KEYS_KEPT:
+                    del self._settled[next(iter(self._settled))]
+                return
+        if keep:
+            interrupted = exchange.reply.endswith(INTERRUPTED_MARK)
+            reply = exchange.reply.removesuffix(INTERRUPTED_MARK) if interrupted else exchange.reply
+            self.record(exchange.user, reply, interrupted, turn_id=exchange.turn_id)
 
     def amend_heard(self, turn_id: int, heard_text: str) -> None:
         """The user heard only ``heard_text`` of turn ``turn_id``'s reply (it was interrupted)."""

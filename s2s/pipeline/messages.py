@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
-from typing import Final, TypeAlias
+from typing import Final, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -107,6 +107,9 @@ class SpeechSegment(Message):
 class Transcript(Message):
     text: str
     clock: TurnClock
+    speculative: bool = False
+    """Made from a provisional segment (the user paused; the turn may not be over): its
+    reply is made but held back until ``SpeculationSettled`` says the turn ended so."""
 
 
 # --- edge: LLM -> TTS ---------------------------------------------------------------------
@@ -150,6 +153,25 @@ class SpeechStarted(Message):
 class SpeechStopped(Message):
     sample_index: int
     at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpeechResumed(Message):
+    """The user spoke again after a pause: a reply speculated at that pause is moot."""
+
+    sample_index: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpeculationSettled(Message):
+    """The turn ended: the reply speculated at its pause (``generation``) is kept (``hit``:
+    the final transcript is the same) or thrown away (``discarded``: it differs, and the
+    reply is made again from the final text under a new generation)."""
+
+    outcome: Literal["hit", "discarded"]
+    end_of_turn_at: float | None
+    speech_ended_at: float | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,6 +228,8 @@ class TurnMetrics(Message):
 Event: TypeAlias = (
     SpeechStarted
     | SpeechStopped
+    | SpeechResumed
+    | SpeculationSettled
     | Transcript
     | ReplyText
     | TurnInterrupted

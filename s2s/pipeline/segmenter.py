@@ -72,7 +72,15 @@ class VadPaused:
     speech_end_sample_index: int
 
 
-VadEvent = VadStarted | VadPaused | VadEnded
+@dataclass(frozen=True, slots=True)
+class VadResumed:
+    """Speech came back after a ``VadPaused``: the pause was not the end of the turn, and
+    any work started on the paused segment is moot."""
+
+    sample_index: int
+
+
+VadEvent = VadStarted | VadPaused | VadResumed | VadEnded
 
 
 class VadSegmenter:
@@ -108,6 +116,9 @@ class VadSegmenter:
         events: list[VadEvent] = []
         if probability >= self._options.threshold:
             self._speech_end = None
+            if self._confirmed and self._paused_at is not None:
+                self._paused_at = None
+                events.append(VadResumed(window_start))
             if self._speech_start is None:
                 self._speech_start = window_start
             if not self._confirmed and window_end - self._speech_start >= self._min_speech:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +24,8 @@ from s2s.pipeline.messages import (
     ReplyAudio,
     ReplyText,
     Samples,
+    SpeculationSettled,
+    SpeechResumed,
     SpeechSegment,
     SpeechStarted,
     SpeechStopped,
@@ -29,7 +33,8 @@ from s2s.pipeline.messages import (
     TurnClock,
     TurnMetrics,
 )
-from s2s.pipeline.segmenter import VadEnded, VadEvent, VadPaused, VadStarted
+from s2s.pipeline.segmenter import VadEnded, VadEvent, VadPaused, VadResumed, VadStarted
+from s2s.pipeline.speculation import SpeculationPolicy
 from s2s.pipeline.stage import Stage, StageContext
 
 # --- what the stages need from the models (see models/) -------------------------------------
@@ -110,7 +115,7 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
         for event in self._vad.push(item.samples):
             index = (
                 event.sample_index
-                if isinstance(event, VadStarted)
+                if isinstance(event, VadStarted | VadResumed)
                 else event.speech_end_sample_index
             )
             # When that sample reached us: the chunk's arrival, less the audio after it.
@@ -123,6 +128,17 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
                 continue
             if self._ignoring_echo:
                 self._ignoring_echo = not isinstance(event, VadEnded)
+                continue
+            if isinstance(event, VadResumed):
+                ctx.emit(
+                    SpeechResumed(
+                        session_id=session_id,
+                        turn_id=turn_id,
+                        generation=generation,
+                        sample_index=index,
+                        at=at,
+                    )
+                )
                 continue
             if isinstance(event, VadStarted):
                 self._speech_started_at = at
@@ -211,23 +227,52 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Speculation:
+    """A reply started at a pause: for which turn, generation, audio and text."""
+
+    turn_id: int
+    generation: int
+    span: tuple[int, int]
+    text: str
+
+
 class SttStage(Stage[SpeechSegment, Transcript]):
     """Transcribes each final segment. A provisional segment (sent as the silence began) is
     transcribed ahead and its text kept: when the final segment with the same audio arrives,
-    the text is ready, and the end-of-turn wait has hidden the transcription."""
+    the text is ready, and the end-of-turn wait has hidden the transcription.
+
+    With a ``speculation`` policy that allows it, the provisional text also goes on at once,
+    as a speculative ``Transcript``: the reply is made during the end-of-turn wait and held
+    back by the session. At the final segment, ``SpeculationSettled`` says whether it stands
+    (the same text: ``hit``) or not (``discarded``: the generation moves on, which abandons
+    it, and the final text goes on under the new generation).
+    """
 
     name = "stt"
 
-    def __init__(self, transcriber: Transcriber) -> None:
+    def __init__(
+        self, transcriber: Transcriber, speculation: SpeculationPolicy | None = None
+    ) -> None:
         self._transcriber = transcriber
+        self._policy = speculation
         self._ahead: tuple[tuple[int, int], str] | None = None
+        self._speculation: _Speculation | None = None
         self.reused_ahead = 0
         """Final segments whose text was already transcribed ahead (for tests and metrics)."""
 
     def handle(self, item: SpeechSegment, ctx: StageContext) -> Iterator[Transcript]:
         span = (item.start_sample_index, item.end_sample_index)
         if item.provisional:
-            self._ahead = (span, self._transcribe(item.samples))
+            text = self._transcribe(item.samples)
+            self._ahead = (span, text)
+            if text and self._policy is not None and self._policy.allows():
+                self._speculation = _Speculation(item.turn_id, item.generation, span, text)
+                transcript = self._transcript(item, text, item.generation, speculative=True)
+                # Emitted here, not by the LLM stage: the session must see it before this
+                # stage can settle it.
+                ctx.emit(transcript)
+                yield transcript
             return
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == span:
@@ -235,14 +280,39 @@ class SttStage(Stage[SpeechSegment, Transcript]):
             self.reused_ahead += 1
         else:
             text = self._transcribe(item.samples)
+        generation = item.generation
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None and not ctx.cancellation.is_stale(speculation.generation):
+            hit = speculation.text == text and speculation.turn_id == item.turn_id
+            if not hit:
+                generation = ctx.cancellation.advance()
+            ctx.emit(
+                SpeculationSettled(
+                    session_id=item.session_id,
+                    turn_id=speculation.turn_id,
+                    generation=speculation.generation,
+                    outcome="hit" if hit else "discarded",
+                    end_of_turn_at=item.clock.end_of_turn_at,
+                    speech_ended_at=item.clock.speech_ended_at,
+                )
+            )
+            if hit:
+                return  # the reply is already on its way
         if not text:
             return  # noise that looked like speech: no turn
-        yield Transcript(
+        yield self._transcript(item, text, generation, speculative=False)
+
+    @staticmethod
+    def _transcript(
+        item: SpeechSegment, text: str, generation: int, speculative: bool
+    ) -> Transcript:
+        return Transcript(
             session_id=item.session_id,
             turn_id=item.turn_id,
-            generation=item.generation,
+            generation=generation,
             text=text,
             clock=item.clock.stamp(transcribed_at=time.monotonic()),
+            speculative=speculative,
         )
 
     def _transcribe(self, samples: Samples) -> str:
@@ -268,11 +338,13 @@ class LlmStage(Stage[Transcript, ReplyText]):
         history: ChatHistory,
         chunker_options: ChunkerOptions | None = None,
         whole_reply: bool = False,
+        speculation: SpeculationPolicy | None = None,
     ) -> None:
         self._backend = backend
         self.history = history
         self._chunker_options = chunker_options
         self._whole_reply = whole_reply
+        self._policy = speculation
 
     def handle(self, item: Transcript, ctx: StageContext) -> Iterator[ReplyText]:
         chunker = SpeakableChunker(self._chunker_options)
@@ -281,7 +353,8 @@ class LlmStage(Stage[Transcript, ReplyText]):
         index = 0
         finished = False
         should_stop = ctx.cancellation.stop_check(item.generation)
-        ctx.emit(item)
+        if not item.speculative:
+            ctx.emit(item)  # a speculative one was emitted by the STT stage
 
         def chunk(text: str, is_last: bool) -> ReplyText:
             nonlocal clock, index
@@ -299,22 +372,32 @@ class LlmStage(Stage[Transcript, ReplyText]):
             ctx.emit(out)
             return out
 
+        confirmed = (
+            self._policy.confirmed_work()
+            if self._policy is not None and not item.speculative
+            else nullcontext()
+        )
         try:
-            # No lock here: the backend serves sessions at once, or takes turns per step.
-            for delta in self._backend.stream(self.history.prompt(item.text), should_stop):
-                clock = clock.stamp(first_token_at=time.monotonic())
-                reply.append(delta)
-                if not self._whole_reply:
-                    for text in chunker.push(delta):
-                        yield chunk(text, is_last=False)
+            with confirmed:
+                # No lock here: the backend serves sessions at once, or takes turns per step.
+                for delta in self._backend.stream(self.history.prompt(item.text), should_stop):
+                    clock = clock.stamp(first_token_at=time.monotonic())
+                    reply.append(delta)
+                    if not self._whole_reply:
+                        for text in chunker.push(delta):
+                            yield chunk(text, is_last=False)
             rest = ["".join(reply).strip()] if self._whole_reply else chunker.finish()
             yield chunk(rest[0] if rest else "", is_last=True)
             finished = True
         finally:
             # Runs on a normal end and when the runner abandons this generator (cancellation).
-            self.history.record(
-                item.text, "".join(reply), interrupted=not finished, turn_id=item.turn_id
-            )
+            if item.speculative:
+                key = (item.turn_id, item.generation)
+                self.history.record_speculative(key, item.text, "".join(reply), not finished)
+            else:
+                self.history.record(
+                    item.text, "".join(reply), interrupted=not finished, turn_id=item.turn_id
+                )
 
 
 # --- TTS ------------------------------------------------------------------------------------

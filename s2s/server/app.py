@@ -3,6 +3,7 @@ loaded once and shared, ``GET /healthz`` on the same port."""
 
 from __future__ import annotations
 
+import collections
 import http
 import itertools
 import logging
@@ -56,6 +57,10 @@ class S2SServer:
         self._accepting = True
         self._ids = itertools.count(1)
         self._ws: Server | None = None
+        self._outcomes_lock = threading.Lock()  # guards speculation_outcomes
+        self.speculation_outcomes: collections.Counter[str] = collections.Counter()
+        """Replies speculated at a pause, server-wide: hit, missed (the user went on) or
+        discarded (the final transcript differed)."""
 
     @property
     def port(self) -> int:
@@ -109,6 +114,15 @@ class S2SServer:
             ["ws-shutdown"] if closer.is_alive() else []
         )
 
+    def _count_speculation(self, outcome: str) -> None:
+        with self._outcomes_lock:
+            self.speculation_outcomes[outcome] += 1
+
+    def speculation_summary(self) -> str:
+        with self._outcomes_lock:
+            counts = dict(self.speculation_outcomes)
+        return ", ".join(f"{k} {counts.get(k, 0)}" for k in ("hit", "missed", "discarded"))
+
     @property
     def session_count(self) -> int:
         with self._sessions_lock:
@@ -143,6 +157,7 @@ class S2SServer:
                     self.config.limits,
                     self._models_info,
                     self.config.echo,
+                    self._count_speculation,
                 )
                 self._sessions[session_id] = session
         if refusal is not None:

@@ -16,7 +16,7 @@ from s2s.pipeline.messages import Event, Message
 from s2s.pipeline.pipeline import Pipeline
 from s2s.pipeline.segmenter import VAD_SAMPLE_RATE_HZ
 from s2s.pipeline.stage import Stage
-from s2s.pipeline.stages import LlmStage, SttStage, TtsStage, VadStage
+from s2s.pipeline.stages import LlmStage, SttStage, TtsStage, VadStage, VoiceActivity
 
 
 def build_session_pipeline(
@@ -29,12 +29,17 @@ def build_session_pipeline(
     history_options: HistoryOptions | None = None,
     chunker_options: ChunkerOptions | None = None,
     baseline: bool = False,
+    speculate: bool = True,
     echo_gate: EchoGate | None = None,
+    voice_activity: VoiceActivity | None = None,
 ) -> Pipeline:
     """A new pipeline with its own VAD state and history; the models are shared.
 
     ``baseline`` turns off the overlaps (the whole reply, then its whole synthesis), as the
     simplest cascade would run: the benchmark compares it with the streaming pipeline.
+    ``speculate`` starts the reply at a pause, before the end of the turn is confirmed, when
+    the server's policy allows it (no other session's confirmed reply in progress).
+    ``voice_activity``: the session's streaming VAD (default: Silero on the shared model).
     """
     history = ChatHistory(history_options or HistoryOptions(), models.llm.count_tokens)
     vad_options = models.profile.vad
@@ -42,13 +47,19 @@ def build_session_pipeline(
         vad_options = replace(vad_options, pause_after_ms=None)  # no transcription ahead
     stages: list[Stage[Any, Any]] = [
         VadStage(
-            StreamingVad(models.vad, vad_options),
+            voice_activity or StreamingVad(models.vad, vad_options),
             VAD_SAMPLE_RATE_HZ,
             echo_gate,
             vad_options.min_speech_ms,
         ),
-        SttStage(models.stt),
-        LlmStage(models.llm, history, chunker_options, whole_reply=baseline),
+        SttStage(models.stt, models.speculation if speculate and not baseline else None),
+        LlmStage(
+            models.llm,
+            history,
+            chunker_options,
+            whole_reply=baseline,
+            speculation=models.speculation,
+        ),
         TtsStage(models.tts, output_rate_hz, StreamResampler, whole_reply=baseline),
     ]
     return Pipeline(

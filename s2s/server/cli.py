@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "reply's level (default 0.5, -6 dB; 0: any speech interrupts)",
         "0.5",
     )
+    option(
+        "speculate",
+        "on (default): start the reply at a pause, during the end-of-turn wait, and hold it "
+        "back until the turn is confirmed; off: start it only after",
+        "on",
+        choices=["on", "off"],
+    )
     option("log-level", "DEBUG, INFO, WARNING or ERROR", "INFO")
     return parser
 
@@ -166,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     log.info("models loaded in %.1f s (%s)", time.monotonic() - began, describe(models))
     history = HistoryOptions(system_prompt=args.system_prompt)
+    models.speculation.enabled = args.speculate == "on"
 
     def build(**kwargs: Any) -> Pipeline:
         return build_session_pipeline(models, history_options=history, **kwargs)
@@ -225,6 +233,7 @@ def serve_until_signalled(server: S2SServer, config: ServerConfig) -> NoReturn:
         log.error("threads still alive at exit: %s", ", ".join(stuck))
         logging.shutdown()
         os._exit(1)  # they would hold the interpreter open: leave now, having said which
+    log.info("speculative replies: %s", server.speculation_summary())
     log.info("stopped cleanly")
     # Every thread we started has been joined. What remains is the model libraries' teardown
     # at interpreter exit (torch, CTranslate2, onnxruntime), which takes seconds and has

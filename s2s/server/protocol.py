@@ -48,6 +48,12 @@ class ProtocolError(ValueError):
         self.code = code
 
 
+PIPELINES = ("streaming", "no-speculation", "baseline")
+"""``streaming`` (the default): every overlap, the reply speculated during the end-of-turn
+wait; ``no-speculation``: streaming, but the reply starts only once the turn is over;
+``baseline``: no overlaps at all (whole transcript, whole reply, whole synthesis)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     """The client's first message."""
@@ -55,8 +61,16 @@ class Hello:
     protocol: int
     input_sample_rate_hz: int
     output_sample_rate_hz: int
-    baseline: bool = False
-    """``options.pipeline == "baseline"``: no overlaps between stages (for benchmarks)."""
+    pipeline: str = "streaming"
+    """``options.pipeline``: one of PIPELINES."""
+
+    @property
+    def baseline(self) -> bool:
+        return self.pipeline == "baseline"
+
+    @property
+    def speculate(self) -> bool:
+        return self.pipeline == "streaming"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,12 +146,12 @@ def _parse_hello(data: dict[str, Any]) -> Hello:
         rates.append(rate)
     options = data.get("options", {})
     pipeline = options.get("pipeline", "streaming") if isinstance(options, dict) else None
-    if pipeline not in ("streaming", "baseline"):
+    if pipeline not in PIPELINES:
         raise ProtocolError(
             ErrorCodes.BAD_MESSAGE,
-            'hello "options" is an object; its "pipeline" is "streaming" or "baseline"',
+            'hello "options" is an object; its "pipeline" is one of ' + ", ".join(PIPELINES),
         )
-    return Hello(PROTOCOL_VERSION, rates[0], rates[1], baseline=pipeline == "baseline")
+    return Hello(PROTOCOL_VERSION, rates[0], rates[1], pipeline=str(pipeline))
 
 
 def check_audio_frame(data: bytes) -> None:
@@ -159,7 +173,7 @@ def playback(turn_id: int, played_ms: float) -> str:
     return json.dumps({"type": "playback", "turn_id": turn_id, "played_ms": round(played_ms, 1)})
 
 
-def hello(input_rate_hz: int, output_rate_hz: int, baseline: bool = False) -> str:
+def hello(input_rate_hz: int, output_rate_hz: int, pipeline: str = "streaming") -> str:
     """The client's hello as a text frame."""
     return json.dumps(
         {
@@ -167,6 +181,6 @@ def hello(input_rate_hz: int, output_rate_hz: int, baseline: bool = False) -> st
             "protocol": PROTOCOL_VERSION,
             "input_sample_rate": input_rate_hz,
             "output_sample_rate": output_rate_hz,
-            "options": {"pipeline": "baseline" if baseline else "streaming"},
+            "options": {"pipeline": pipeline},
         }
     )

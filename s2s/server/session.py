@@ -24,6 +24,8 @@ from s2s.pipeline.messages import (
     Message,
     ReplyAudio,
     ReplyText,
+    SpeculationSettled,
+    SpeechResumed,
     SpeechStarted,
     SpeechStopped,
     StageError,
@@ -74,6 +76,21 @@ class _Timeline:
 
 
 @dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What became of a turn's speculative reply (for the turn's metrics)."""
+
+    outcome: str  # "hit", "missed" (the user went on) or "discarded" (another transcript)
+    generation: int = -1
+    end_of_turn_at: float | None = None
+    speech_ended_at: float | None = None
+    settled_at: float = 0.0
+
+
+OUTCOMES_KEPT = 8
+"""Turns whose speculation outcome is remembered until their metrics pass."""
+
+
+@dataclass(frozen=True, slots=True)
 class SessionLimits:
     handshake_timeout_s: float = 5.0
     idle_timeout_s: float = 300.0
@@ -95,8 +112,10 @@ class Session:
         limits: SessionLimits,
         models_info: dict[str, str],
         echo_options: EchoOptions | None = None,
+        on_speculation: Callable[[str], None] | None = None,
     ) -> None:
         self.session_id = session_id
+        self._on_speculation = on_speculation
         self._connection = connection
         self._build_pipeline = build_pipeline
         self._limits = limits
@@ -114,6 +133,14 @@ class Session:
         self._active_turn: int | None = None  # a reply is being made or played for this turn
         self._playing_until: float | None = None  # when its audio ends at the client
         self._timeline: _Timeline | None = None  # the reply audio being sent
+        # A reply speculated at a pause is held back until its turn is confirmed. The lock
+        # also keeps events in order while held ones are released (re-entrant: an event's
+        # handling may cancel a turn, which emits an event on the same thread).
+        self._hold_lock = threading.RLock()
+        self._hold_changed = threading.Condition(self._hold_lock)
+        self._held_key: tuple[int, int] | None = None  # (turn, generation) being held
+        self._held: list[Event] = []
+        self._speculation: dict[int, _Outcome] = {}  # per turn, for its metrics
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -134,6 +161,7 @@ class Session:
             return
         self._closing.set()
         self._pacing_wake.set()
+        self._wake_held_audio()
         self._send(protocol.event("bye", reason=reason))
         self._close(code, reason)
 
@@ -162,6 +190,7 @@ class Session:
             session_id=self.session_id,
             output_rate_hz=message.output_sample_rate_hz,
             baseline=message.baseline,
+            speculate=message.speculate,
             echo_gate=self._echo_gate,
             deliver=self._deliver,
             on_event=self._on_event,
@@ -174,7 +203,7 @@ class Session:
                 session_id=self.session_id,
                 input_sample_rate=message.input_sample_rate_hz,
                 output_sample_rate=message.output_sample_rate_hz,
-                options={"pipeline": "baseline" if message.baseline else "streaming"},
+                options={"pipeline": message.pipeline},
                 models=self._models_info,
             )
         )
@@ -236,7 +265,9 @@ class Session:
         self._close(CloseCodes.NORMAL, "end")
 
     def _teardown(self) -> None:
+        self._closing.set()
         self._pacing_wake.set()
+        self._wake_held_audio()
         if self._pipeline is not None:
             report = self._pipeline.cancel(self._limits.cancel_timeout_s)
             if report.stuck_threads:
@@ -252,6 +283,13 @@ class Session:
             return
         assert self._pipeline is not None
         cancellation = self._pipeline.cancellation
+        with self._hold_lock:
+            # A speculative reply's audio waits here until its turn is confirmed; settling,
+            # abandoning, an interruption or a close wakes it.
+            while self._held_key == (item.turn_id, item.generation) and not self._closing.is_set():
+                self._hold_changed.wait()
+        if cancellation.is_stale(item.generation):
+            return  # abandoned (a discarded speculation, an interruption): nothing of it goes out
         with self._send_lock:
             with self._reply_lock:
                 timeline = self._timeline
@@ -338,6 +376,144 @@ class Session:
 
     def _on_event(self, event: Event) -> None:
         """Runs on stage threads: must not block (sends are quick, pacing never happens here)."""
+        with self._hold_lock:
+            if not self._held_back(event):
+                self._dispatch(event)
+
+    # --- speculation ------------------------------------------------------------------------
+
+    def _held_back(self, event: Event) -> bool:
+        """Hold, release or drop the events of a speculative reply; True: ``event`` is dealt
+        with (held, or an event about speculation that the client never sees)."""
+        assert self._pipeline is not None
+        cancellation = self._pipeline.cancellation
+        log.debug("session %s: %s (holding %s)", self.session_id, event, self._held_key)
+        if isinstance(event, SpeculationSettled):
+            if self._held_key == (event.turn_id, event.generation):
+                if event.outcome == "hit":
+                    self._release_held(event)
+                else:
+                    self._abandon_held("discarded")
+            return True
+        if self._held_key is not None and cancellation.is_stale(self._held_key[1]):
+            self._abandon_held("missed")  # the turn was cancelled under it
+        if isinstance(event, Transcript) and event.speculative:
+            if cancellation.is_stale(event.generation):
+                self._remember(event.turn_id, _Outcome("missed"))  # the user went on meanwhile
+            else:
+                self._held_key, self._held = (event.turn_id, event.generation), [event]
+            return True
+        if isinstance(event, SpeechResumed):
+            # The user went on after a pause: a reply speculated at it (held here, or still
+            # being transcribed or generated) is moot. Moving to a new generation abandons it
+            # wherever it is; nothing else of this session can be in flight while the user
+            # speaks (a reply still playing was interrupted when this speech started).
+            if self._hello is not None and self._hello.speculate:
+                cancellation.advance()
+                self._abandon_held("missed")
+            return True
+        if self._held_key == (event.turn_id, event.generation) and isinstance(
+            event, Transcript | ReplyText | TurnMetrics | StageError
+        ):
+            self._held.append(event)
+            return True
+        return False
+
+    def _release_held(self, settled: SpeculationSettled) -> None:
+        key, held = self._held_key, self._held
+        assert key is not None
+        self._held_key, self._held = None, []
+        self._remember(
+            key[0],
+            _Outcome(
+                "hit",
+                key[1],
+                settled.end_of_turn_at,
+                settled.speech_ended_at,
+                time.monotonic(),
+            ),
+        )
+        self._history_settle(key, keep=True)
+        for event in held:
+            self._dispatch(event)
+        self._hold_changed.notify_all()
+
+    def _abandon_held(self, outcome: str) -> None:
+        key = self._held_key
+        if key is None:
+            return
+        self._held_key, self._held = None, []
+        self._remember(key[0], _Outcome(outcome))
+        self._history_settle(key, keep=False)
+        self._hold_changed.notify_all()
+
+    def _history_settle(self, key: tuple[int, int], keep: bool) -> None:
+        assert self._pipeline is not None
+        self._pipeline.stage(LlmStage).history.settle(key, keep)
+
+    def _remember(self, turn_id: int, outcome: _Outcome) -> None:
+        if self._on_speculation is not None:
+            self._on_speculation(outcome.outcome)
+        self._speculation[turn_id] = outcome
+        while len(self._speculation) > OUTCOMES_KEPT:
+            del self._speculation[next(iter(self._speculation))]
+
+    def _wake_held_audio(self) -> None:
+        with self._hold_lock:
+            self._hold_changed.notify_all()
+
+    def _metrics_fields(self, event: TurnMetrics) -> dict[str, object]:
+        """The turn's stage times; for a speculative hit, each stage's share after the end of
+        the turn (what the user waited for), and the time speculation saved."""
+        fields: dict[str, object] = {
+            "end_of_turn_ms": event.end_of_turn_ms,
+            "stt_ms": event.stt_ms,
+            "llm_first_token_ms": event.llm_first_token_ms,
+            "llm_first_chunk_ms": event.llm_first_chunk_ms,
+            "tts_first_audio_ms": event.tts_first_audio_ms,
+            "server_voice_to_voice_ms": event.server_voice_to_voice_ms,
+            "speculation": None,
+            "speculation_saved_ms": None,
+        }
+        outcome = self._speculation.get(event.turn_id)
+        if outcome is None:
+            return fields
+        fields["speculation"] = outcome.outcome
+        if outcome.outcome != "hit" or outcome.generation != event.generation:
+            return fields
+        ended, eot = outcome.speech_ended_at, outcome.end_of_turn_at
+        v2v, chunk_ms, tts_ms = (
+            event.server_voice_to_voice_ms,
+            event.llm_first_chunk_ms,
+            event.tts_first_audio_ms,
+        )
+        if ended is None or eot is None or v2v is None or chunk_ms is None or tts_ms is None:
+            return fields
+        first_audio_at = ended + v2v / 1000
+        chunk_at = first_audio_at - tts_ms / 1000
+        transcribed_at = chunk_at - chunk_ms / 1000
+        released_at = max(outcome.settled_at, first_audio_at)
+
+        def after_end(moment: float) -> float:
+            return round(max(0.0, moment - eot) * 1000, 1)
+
+        work_s = first_audio_at - transcribed_at
+        fields.update(
+            end_of_turn_ms=round((eot - ended) * 1000, 1),
+            stt_ms=0.0,
+            llm_first_token_ms=(
+                None
+                if event.llm_first_token_ms is None
+                else after_end(transcribed_at + event.llm_first_token_ms / 1000)
+            ),
+            llm_first_chunk_ms=after_end(chunk_at),
+            tts_first_audio_ms=round((released_at - max(eot, chunk_at)) * 1000, 1),
+            server_voice_to_voice_ms=round((released_at - ended) * 1000, 1),
+            speculation_saved_ms=round(max(0.0, eot + work_s - released_at) * 1000, 1),
+        )
+        return fields
+
+    def _dispatch(self, event: Event) -> None:
         assert self._pipeline is not None
         stale = self._pipeline.cancellation.is_stale(event.generation)
         if stale and isinstance(event, Transcript | ReplyText | TurnMetrics | StageError):
@@ -380,16 +556,7 @@ class Session:
                 message=f"{event.stage} failed: {event.error_type}: {event.detail}",
             )
         if isinstance(event, TurnMetrics):
-            return protocol.event(
-                "metrics",
-                turn_id=event.turn_id,
-                end_of_turn_ms=event.end_of_turn_ms,
-                stt_ms=event.stt_ms,
-                llm_first_token_ms=event.llm_first_token_ms,
-                llm_first_chunk_ms=event.llm_first_chunk_ms,
-                tts_first_audio_ms=event.tts_first_audio_ms,
-                server_voice_to_voice_ms=event.server_voice_to_voice_ms,
-            )
+            return protocol.event("metrics", turn_id=event.turn_id, **self._metrics_fields(event))
         return None
 
     def _input_index(self, vad_index: int) -> int:
