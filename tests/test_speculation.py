@@ -133,9 +133,12 @@ class Heard:
         return [event for _, event in self.events if event["type"] == kind]
 
 
-def talk(url: str, audio: Samples) -> tuple[Heard, float]:
+def talk(
+    url: str, audio: Samples, before_close: Callable[[], None] = lambda: None
+) -> tuple[Heard, float]:
     """Stream ``audio`` (16 kHz) in real time, then silence until the reply ends; returns what
-    came back and when the last of ``audio`` was sent."""
+    came back and when the last of ``audio`` was sent. ``before_close`` runs while the
+    session is still open, after the reply."""
     heard = Heard()
     with connect(url, open_timeout=10, close_timeout=2) as connection:
         connection.send(
@@ -182,6 +185,7 @@ def talk(url: str, audio: Samples) -> tuple[Heard, float]:
             _wait_until(began + index * FRAME_S)
             connection.send(to_pcm16(silence))
         receiver.join(HANG_BOUND_S)
+        before_close()
     return heard, sent_until
 
 
@@ -235,8 +239,20 @@ def test_a_pause_mid_question_gives_one_turn_and_no_early_audio(
         ]
     )
     running = Running(cpu_models)
+    left_behind: list[str] = []
+
+    def nothing_left_behind() -> None:
+        """With the reply done and the session still open: no item in any stage's queue and
+        no confirmed work counted (speculation allowed again)."""
+        [pipeline] = running.pipelines
+        for runner in pipeline.runners[1:]:
+            if not settle(runner.inbox.empty):
+                left_behind.append(runner.stage.name)
+        if not cpu_models.speculation.allows():
+            left_behind.append("confirmed work still counted")
+
     try:
-        heard, second_half_sent = talk(running.url, audio)
+        heard, second_half_sent = talk(running.url, audio, nothing_left_behind)
         outcomes = dict(running.server.speculation_outcomes)
         [pipeline] = running.pipelines
         history = pipeline.stage(LlmStage).history
@@ -253,7 +269,7 @@ def test_a_pause_mid_question_gives_one_turn_and_no_early_audio(
     assert metrics["speculation"] in ("hit", "missed")
     user_turns = [m for m in history.prompt("next") if m["role"] == "user"]
     assert [m["content"] for m in user_turns[:-1]] == [transcript["text"]]
-    assert cpu_models.speculation.allows()  # no confirmed work left counted
+    assert left_behind == []
 
 
 class EchoChat:
