@@ -10,7 +10,7 @@ import pytest
 
 from s2s.pipeline.messages import Message, StageError, TurnInterrupted
 from s2s.pipeline.pipeline import Pipeline, PipelineClosed
-from s2s.pipeline.stage import Stage
+from s2s.pipeline.stage import Stage, StageContext
 from tests.fakes import Append, Explode, Gate, Note, StepGenerator, Stuck, note
 from tests.harness import EventLog, texts
 
@@ -186,3 +186,68 @@ def test_a_failing_deliver_is_an_event_not_a_dead_sink(built: list[Pipeline]) ->
     assert pipeline.stop(timeout_s=HANG_BOUND_S).clean
     assert delivered == ["good!"]
     assert [e.stage for e in events.of_type(StageError)] == ["sink"]
+
+
+class ExitsTheThread(Stage[Note, Note]):
+    """Raises SystemExit (a BaseException, which no ``except Exception`` catches) on 'quit'."""
+
+    name = "exits"
+
+    def handle(self, item: Note, ctx: StageContext) -> Iterator[Note]:
+        if item.text.startswith("quit"):
+            raise SystemExit("the handler left")
+        yield item
+
+
+class FailsToFinish(Stage[Note, Note]):
+    """Passes items; its end-of-stream flush raises."""
+
+    name = "fails-to-finish"
+
+    def handle(self, item: Note, ctx: StageContext) -> Iterator[Note]:
+        yield item
+
+    def finish(self, ctx: StageContext) -> Iterator[Note]:
+        raise RuntimeError("flush failed")
+
+
+def test_the_pill_passes_a_handler_that_raises_a_base_exception(built: list[Pipeline]) -> None:
+    """SystemExit in a handler ends that stage's thread, yet the pill still reaches the sink
+    and every thread joins: stop() is clean."""
+    pipeline, sink, _ = make(built, [Append("1"), ExitsTheThread(), Append("3")])
+    pipeline.feed(note("a"))
+    pipeline.feed(note("quit"))
+    report = pipeline.stop(timeout_s=HANG_BOUND_S)
+    assert report.clean, report
+    assert pipeline.pill_reached_sink.is_set()
+    assert texts(sink.items) == ["a13"]
+
+
+def test_the_pill_passes_a_finish_that_raises(built: list[Pipeline]) -> None:
+    """A failing flush is reported as a StageError and the pill still arrives."""
+    pipeline, sink, events = make(built, [FailsToFinish(), Append("2")])
+    pipeline.feed(note("a"))
+    report = pipeline.stop(timeout_s=HANG_BOUND_S)
+    assert report.clean, report
+    assert pipeline.pill_reached_sink.is_set()
+    assert texts(sink.items) == ["a2"]
+    [error] = events.of_type(StageError)
+    assert error.stage == "fails-to-finish" and error.detail == "flush failed"
+
+
+def test_cancel_from_another_thread_mid_step_stops_within_a_step(built: list[Pipeline]) -> None:
+    """cancel() called by a thread other than the consumer while a step is running: the
+    generator stops at its next step, the pill arrives, the report is clean."""
+    generator = StepGenerator(steps=1000, step_s=0.02)
+    pipeline, _, _ = make(built, [generator])
+    pipeline.feed(note("go"))
+    assert generator.started.wait(HANG_BOUND_S)
+    reports = []
+    canceller = threading.Thread(target=lambda: reports.append(pipeline.cancel(HANG_BOUND_S)))
+    canceller.start()
+    canceller.join(HANG_BOUND_S)
+    [report] = reports
+    assert report.clean, report
+    assert pipeline.pill_reached_sink.is_set()
+    assert generator.steps_run < 1000
+    assert not any(runner.thread.is_alive() for runner in pipeline.runners)
