@@ -141,6 +141,22 @@ def test_a_wrong_token_is_refused_in_the_handshake(running: Running) -> None:
     assert refused.value.response.status_code == 401
 
 
+def test_two_authorization_headers_are_a_bad_request(running: Running) -> None:
+    """Duplicate credentials get HTTP 400 with a reason, not a server error."""
+    headers = [("Authorization", f"Bearer {TOKEN}"), ("Authorization", "Bearer other")]
+    with pytest.raises(InvalidStatus) as refused:
+        connect(running.url, additional_headers=headers, open_timeout=5)
+    assert refused.value.response.status_code == 400
+    assert b"one Authorization header" in refused.value.response.body
+
+
+def test_a_token_with_non_ascii_characters_is_refused_not_crashed(running: Running) -> None:
+    """A token the constant-time comparison cannot take as ASCII is simply wrong: 401."""
+    with pytest.raises(InvalidStatus) as refused:
+        raw(running.url, token="wrong-tökén")
+    assert refused.value.response.status_code == 401
+
+
 @pytest.mark.parametrize(
     ("send", "code"),
     [

@@ -4,6 +4,7 @@ loaded once and shared, ``GET /healthz`` on the same port."""
 from __future__ import annotations
 
 import collections
+import hmac
 import http
 import itertools
 import logging
@@ -38,6 +39,11 @@ class ServerConfig:
     echo: EchoOptions | None = field(default_factory=EchoOptions)
     """How the assistant's own voice in the microphone is told from the user's; None: off
     (every onset during a reply interrupts it)."""
+
+
+def _same_secret(given: str, expected: str) -> bool:
+    """Compared in constant time, so the time taken says nothing about how much matched."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode())
 
 
 class S2SServer:
@@ -133,8 +139,13 @@ class S2SServer:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "ok\n")
+        credentials = request.headers.get_all("Authorization")
+        if len(credentials) > 1:
+            return connection.respond(
+                http.HTTPStatus.BAD_REQUEST, "send one Authorization header, not several\n"
+            )
         token = self.config.token
-        if token and request.headers.get("Authorization") != f"Bearer {token}":
+        if token and not _same_secret(credentials[0] if credentials else "", f"Bearer {token}"):
             return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
         return None
 
