@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from s2s.pipeline.cancellation import TurnCancellation
 from s2s.pipeline.history import ChatHistory, ChatMessage, HistoryOptions
 from s2s.pipeline.messages import Pill, ReplyText, Transcript, TurnClock
+from s2s.pipeline.speculation import FirstChunkPriority
 from s2s.pipeline.stage import StageContext, StageRunner
 from s2s.pipeline.stages import LlmStage
 from s2s.pipeline.turns import TakeTurns
@@ -157,3 +158,43 @@ def _collect(stage: LlmStage, started: threading.Event | None) -> list[tuple[flo
             chunks.append((time.monotonic(), out.text))
     runner.thread.join(HANG_BOUND_S)
     return chunks
+
+
+def test_continuation_waits_for_another_sessions_first_chunk_and_goes_on_when_it_ends() -> None:
+    """While a first chunk is being made, a continuation step waits; it goes on as soon as the
+    first chunk is done, long before its bound."""
+    priority = FirstChunkPriority(max_yield_s=HANG_BOUND_S)
+    end_urgent = priority.begin()
+    waited: list[float] = []
+
+    def continuation() -> None:
+        began = time.monotonic()
+        priority.yield_to_urgent()
+        waited.append(time.monotonic() - began)
+
+    thread = threading.Thread(target=continuation)
+    thread.start()
+    time.sleep(0.2)
+    assert thread.is_alive()  # still waiting behind the first chunk
+    end_urgent()
+    end_urgent()  # idempotent: ending twice does not free a second urgent turn
+    thread.join(HANG_BOUND_S)
+    assert 0.15 < waited[0] < HANG_BOUND_S / 2 and priority.yields == 1
+
+
+def test_a_continuation_step_never_waits_longer_than_its_bound() -> None:
+    """Urgent work that never ends (a stuck first chunk) delays others by the bound only."""
+    priority = FirstChunkPriority(max_yield_s=0.1)
+    priority.begin()
+    began = time.monotonic()
+    priority.yield_to_urgent()
+    assert time.monotonic() - began < 2.0
+
+
+def test_no_wait_without_urgent_work() -> None:
+    """With no first chunk pending, continuation steps go straight on."""
+    priority = FirstChunkPriority(max_yield_s=HANG_BOUND_S)
+    priority.begin()()
+    began = time.monotonic()
+    priority.yield_to_urgent()
+    assert time.monotonic() - began < 1.0 and priority.yields == 0

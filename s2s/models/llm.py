@@ -49,7 +49,10 @@ class ChatBackend(Protocol):
     def stream(
         self, messages: Sequence[ChatMessage], should_stop: Callable[[], bool]
     ) -> Iterator[str]:
-        """Yield text deltas of the reply; return early once ``should_stop()`` is True."""
+        """Yield text deltas of the reply; return early once ``should_stop()`` is True.
+
+        ``should_stop`` is called once per token, possibly from the engine's own thread, and
+        may pause briefly (first-chunk priority between sessions)."""
         ...
 
 

@@ -31,7 +31,7 @@ from s2s.models.tts import (
 )
 from s2s.models.vad import SileroVad
 from s2s.pipeline.segmenter import VadOptions
-from s2s.pipeline.speculation import SpeculationPolicy
+from s2s.pipeline.speculation import FirstChunkPriority, SpeculationPolicy
 from s2s.pipeline.stages import Transcriber
 
 
@@ -84,6 +84,8 @@ class LoadedModels:
     load_s: dict[str, float]
     speculation: SpeculationPolicy = field(default_factory=SpeculationPolicy)
     """Whether sessions may start replies at pauses (shared: confirmed work comes first)."""
+    priority: FirstChunkPriority = field(default_factory=FirstChunkPriority)
+    """Turns waiting for their first chunk come before the rest of other replies (shared)."""
 
 
 def with_concurrency(profile: ModelProfile, sessions: int) -> ModelProfile:

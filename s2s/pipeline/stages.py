@@ -34,7 +34,7 @@ from s2s.pipeline.messages import (
     TurnMetrics,
 )
 from s2s.pipeline.segmenter import VadEnded, VadEvent, VadPaused, VadResumed, VadStarted
-from s2s.pipeline.speculation import SpeculationPolicy
+from s2s.pipeline.speculation import FirstChunkPriority, SpeculationPolicy
 from s2s.pipeline.stage import Stage, StageContext
 
 # --- what the stages need from the models (see models/) -------------------------------------
@@ -339,12 +339,14 @@ class LlmStage(Stage[Transcript, ReplyText]):
         chunker_options: ChunkerOptions | None = None,
         whole_reply: bool = False,
         speculation: SpeculationPolicy | None = None,
+        priority: FirstChunkPriority | None = None,
     ) -> None:
         self._backend = backend
         self.history = history
         self._chunker_options = chunker_options
         self._whole_reply = whole_reply
         self._policy = speculation
+        self._priority = priority
 
     def handle(self, item: Transcript, ctx: StageContext) -> Iterator[ReplyText]:
         chunker = SpeakableChunker(self._chunker_options)
@@ -352,7 +354,18 @@ class LlmStage(Stage[Transcript, ReplyText]):
         reply: list[str] = []
         index = 0
         finished = False
-        should_stop = ctx.cancellation.stop_check(item.generation)
+        is_stale = ctx.cancellation.stop_check(item.generation)
+        end_urgent = self._priority.begin() if self._priority is not None else lambda: None
+
+        def should_stop() -> bool:
+            # Called between tokens (on the engine's thread for CTranslate2): once this reply
+            # has its first chunk, its later tokens wait briefly for other sessions' first
+            # chunks, which users are waiting for; this reply's later chunks are not needed
+            # before its first has played.
+            if index > 0 and self._priority is not None:
+                self._priority.yield_to_urgent()
+            return is_stale()
+
         if not item.speculative:
             ctx.emit(item)  # a speculative one was emitted by the STT stage
 
@@ -369,6 +382,7 @@ class LlmStage(Stage[Transcript, ReplyText]):
                 clock=clock,
             )
             index += 1
+            end_urgent()
             ctx.emit(out)
             return out
 
@@ -391,6 +405,7 @@ class LlmStage(Stage[Transcript, ReplyText]):
             finished = True
         finally:
             # Runs on a normal end and when the runner abandons this generator (cancellation).
+            end_urgent()
             if item.speculative:
                 key = (item.turn_id, item.generation)
                 self.history.record_speculative(key, item.text, "".join(reply), not finished)
@@ -419,15 +434,40 @@ class TtsStage(Stage[ReplyText, ReplyAudio]):
         output_rate_hz: int,
         make_resampler: Callable[[int, int], Resampler],
         whole_reply: bool = False,
+        priority: FirstChunkPriority | None = None,
     ) -> None:
         self._whole_reply = whole_reply
+        self._priority = priority
         self._synthesizer = synthesizer
         self._output_rate_hz = output_rate_hz
         self._make_resampler = make_resampler
         self._turns_with_audio: set[tuple[int, int]] = set()
 
     def handle(self, item: ReplyText, ctx: StageContext) -> Iterator[ReplyAudio]:
-        should_stop = ctx.cancellation.stop_check(item.generation)
+        is_stale = ctx.cancellation.stop_check(item.generation)
+        first = item.chunk_index == 0
+        end_urgent = (
+            self._priority.begin() if first and self._priority is not None else lambda: None
+        )
+
+        def should_stop() -> bool:
+            # A later chunk's synthesis waits briefly for other sessions' first audio.
+            if not first and self._priority is not None:
+                self._priority.yield_to_urgent()
+            return is_stale()
+
+        try:
+            yield from self._handle(item, ctx, should_stop, end_urgent)
+        finally:
+            end_urgent()
+
+    def _handle(
+        self,
+        item: ReplyText,
+        ctx: StageContext,
+        should_stop: Callable[[], bool],
+        end_urgent: Callable[[], None],
+    ) -> Iterator[ReplyAudio]:
         resampler = self._make_resampler(self._synthesizer.sample_rate_hz, self._output_rate_hz)
         if item.text:
             pieces = self._speak(item.text, resampler, should_stop)
@@ -435,6 +475,7 @@ class TtsStage(Stage[ReplyText, ReplyAudio]):
                 pieces = iter([np.concatenate(list(pieces) or [np.zeros(0, dtype=np.float32)])])
             for audio in pieces:
                 if len(audio):
+                    end_urgent()
                     yield self._audio(item, audio, is_last=False, ctx=ctx)
         if item.is_last:
             self._turns_with_audio.discard((item.turn_id, item.generation))

@@ -59,8 +59,15 @@ def build_session_pipeline(
             chunker_options,
             whole_reply=baseline,
             speculation=models.speculation,
+            priority=models.priority,
         ),
-        TtsStage(models.tts, output_rate_hz, StreamResampler, whole_reply=baseline),
+        TtsStage(
+            models.tts,
+            output_rate_hz,
+            StreamResampler,
+            whole_reply=baseline,
+            priority=models.priority,
+        ),
     ]
     return Pipeline(
         stages,
