@@ -127,8 +127,7 @@ class TransformersChat:
         input_ids = self._tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"].to(self._model.device)
-        generated: list[int] = []
-        emitted = ""
+        text = _Detokenizer(self._tokenizer)
         past = self._new_cache()  # a Cache object: the legacy tuple format is deprecated
         with torch.inference_mode():
             for _ in range(self.options.max_new_tokens):
@@ -140,12 +139,8 @@ class TransformersChat:
                 next_id = self._pick(out.logits[0, -1])
                 if next_id in self._stop_ids:
                     return
-                generated.append(next_id)
-                text = self._tokenizer.decode(generated, skip_special_tokens=True)
                 input_ids = torch.tensor([[next_id]], device=self._model.device)
-                if text.endswith("\ufffd"):
-                    continue  # a multi-byte character split across tokens: wait for the rest
-                delta, emitted = text[len(emitted) :], text
+                delta = text.push(next_id)
                 if delta:
                     yield delta
 
@@ -154,6 +149,24 @@ class TransformersChat:
             return int(logits.argmax())
         probs = self._torch.softmax(logits.float() / self.options.temperature, dim=-1)
         return int(self._torch.multinomial(probs, 1))
+
+
+class _Detokenizer:
+    """Token ids in, new text out: decodes everything generated so far and returns what was
+    added, holding back a multi-byte character split across tokens until it is whole."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        text = str(self._tokenizer.decode(self._ids, skip_special_tokens=True))
+        if text.endswith("\ufffd"):
+            return ""  # wait for the rest of the character
+        delta, self._emitted = text[len(self._emitted) :], text
+        return delta
 
 
 def _dtype_name(options: LlmOptions) -> str:
@@ -293,17 +306,12 @@ class Ctranslate2Chat:
             callback=stop_decoding,
             **sampling,
         )
-        generated: list[int] = []
-        emitted = ""
+        text = _Detokenizer(self._tokenizer)
         try:
             for step in steps:
                 if should_stop():
                     return
-                generated.append(step.token_id)
-                text = self._tokenizer.decode(generated, skip_special_tokens=True)
-                if text.endswith("\ufffd"):
-                    continue  # a multi-byte character split across tokens: wait for the rest
-                delta, emitted = text[len(emitted) :], text
+                delta = text.push(step.token_id)
                 if delta:
                     yield delta
         finally:

@@ -129,21 +129,12 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
             if self._ignoring_echo:
                 self._ignoring_echo = not isinstance(event, VadEnded)
                 continue
-            if isinstance(event, VadResumed):
+            if isinstance(event, VadStarted | VadResumed):
+                if isinstance(event, VadStarted):
+                    self._speech_started_at = at
+                kind = SpeechStarted if isinstance(event, VadStarted) else SpeechResumed
                 ctx.emit(
-                    SpeechResumed(
-                        session_id=session_id,
-                        turn_id=turn_id,
-                        generation=generation,
-                        sample_index=index,
-                        at=at,
-                    )
-                )
-                continue
-            if isinstance(event, VadStarted):
-                self._speech_started_at = at
-                ctx.emit(
-                    SpeechStarted(
+                    kind(
                         session_id=session_id,
                         turn_id=turn_id,
                         generation=generation,
