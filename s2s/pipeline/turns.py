@@ -25,8 +25,6 @@ class TakeTurns:
         self.name = name
         self._condition = threading.Condition()
         self._queue: deque[object] = deque()  # tickets, head holds the model
-        self.steps_taken = 0
-        """Steps served so far (for metrics and tests)."""
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -40,11 +38,4 @@ class TakeTurns:
         finally:
             with self._condition:
                 self._queue.popleft()
-                self.steps_taken += 1
                 self._condition.notify_all()
-
-    @property
-    def waiting(self) -> int:
-        """Callers queued behind the current holder."""
-        with self._condition:
-            return max(0, len(self._queue) - 1)

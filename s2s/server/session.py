@@ -387,7 +387,6 @@ class Session:
         with (held, or an event about speculation that the client never sees)."""
         assert self._pipeline is not None
         cancellation = self._pipeline.cancellation
-        log.debug("session %s: %s (holding %s)", self.session_id, event, self._held_key)
         if isinstance(event, SpeculationSettled):
             if self._held_key == (event.turn_id, event.generation):
                 if event.outcome == "hit":
