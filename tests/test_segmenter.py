@@ -47,6 +47,41 @@ def test_one_utterance_gives_start_then_end_at_the_last_loud_sample() -> None:
     assert not ended.forced
 
 
+def feed(segmenter: VadSegmenter, probabilities: list[float], start: int = 0) -> list[VadEvent]:
+    events: list[VadEvent] = []
+    for index, probability in enumerate(probabilities, start):
+        window = np.full(WINDOW, LOUD if probability >= 0.5 else 0.0, dtype=np.float32)
+        events += segmenter.push(window, index * WINDOW, probability)
+    return events
+
+
+def test_commit_ends_the_speech_under_way_at_once() -> None:
+    """A client's commit mid-speech ends the turn with the audio so far; with no confirmed
+    speech there is nothing to commit."""
+    segmenter = VadSegmenter(VadOptions(min_speech_ms=100, min_silence_ms=300, speech_pad_ms=0))
+    assert segmenter.commit() == []
+    assert [type(e) for e in feed(segmenter, [0.0] * 5 + [0.9] * 10)] == [VadStarted]
+    [ended] = segmenter.commit()
+    assert isinstance(ended, VadEnded)
+    assert (ended.start_sample_index, ended.speech_end_sample_index) == (5 * WINDOW, 15 * WINDOW)
+    assert len(ended.samples) == 10 * WINDOW
+    assert not segmenter.in_speech
+    # The silence that follows ends nothing more; the next speech is a new turn.
+    assert feed(segmenter, [0.0] * 15, start=15) == []
+    assert [type(e) for e in feed(segmenter, [0.9] * 5, start=30)] == [VadStarted]
+
+
+def test_clear_drops_the_speech_under_way_and_moots_a_pause() -> None:
+    segmenter = VadSegmenter(VadOptions(min_speech_ms=100, min_silence_ms=500, speech_pad_ms=0))
+    events = feed(segmenter, [0.0] * 5 + [0.9] * 10 + [0.0] * 5)
+    assert [type(e) for e in events] == [VadStarted, VadPaused]
+    [resumed] = segmenter.clear()
+    assert isinstance(resumed, VadResumed)  # work started at the pause is moot
+    assert not segmenter.in_speech
+    assert feed(segmenter, [0.0] * 30, start=20) == []  # no end for the dropped speech
+    assert segmenter.clear() == []
+
+
 def test_end_is_refined_to_the_audio_when_the_model_lags() -> None:
     """The model's probability trails the audio by 3 windows; the end follows the audio."""
     options = VadOptions(min_speech_ms=100, min_silence_ms=300, speech_pad_ms=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -55,7 +56,15 @@ def test_a_spoken_question_through_microphone_and_speaker(
     audio, rate = soundfile.read(str(heard_path), dtype="float32", always_2d=True)
     heard = cpu_models.stt.transcribe(resample(audio.mean(axis=1).astype(np.float32), rate, 16_000))
     print(f"speaker said: {heard!r}")
-    assert "paris" in heard.lower()
+    # What came out of the speaker is the reply: most of its words are heard in the recording
+    # (whisper tiny mishears a word or two of synthetic speech now and then).
+    said = set(words(turn["assistant_text"]))
+    assert said and len(said & set(words(heard))) >= len(said) / 2, (said, heard)
+
+
+def words(text: str) -> list[str]:
+    """The words worth comparing: longer than three letters, lower case, no punctuation."""
+    return [w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 3]
 
 
 def test_ctrl_c_during_playback(

@@ -328,6 +328,12 @@ class ScriptedVad:
     def restart(self, speech_start: int) -> None:
         pass
 
+    def commit(self) -> list[VadEvent]:
+        return []
+
+    def clear(self) -> list[VadEvent]:
+        return []
+
 
 @pytest.mark.models
 @pytest.mark.usefixtures("baseline_threads")

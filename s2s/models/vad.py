@@ -82,6 +82,12 @@ class StreamingVad:
     def restart(self, speech_start: int) -> None:
         self._segmenter.restart(speech_start)
 
+    def commit(self) -> list[VadEvent]:
+        return self._segmenter.commit()
+
+    def clear(self) -> list[VadEvent]:
+        return self._segmenter.clear()
+
     def push(self, samples: Samples) -> list[VadEvent]:
         self._pending = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
         events: list[VadEvent] = []

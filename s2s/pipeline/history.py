@@ -47,21 +47,27 @@ class ChatHistory:
 
     def __init__(self, options: HistoryOptions, count_tokens: Callable[[str], int]) -> None:
         self._options = options
+        self._system_prompt = options.system_prompt
         self._count_tokens = count_tokens
-        self._exchanges_lock = threading.Lock()  # guards _exchanges and _heard
+        self._exchanges_lock = threading.Lock()  # guards _exchanges, _heard, _system_prompt
         self._exchanges: list[_Exchange] = []
         self._heard: dict[int, str] = {}
         self._pending: dict[SpeculationKey, _Exchange] = {}  # speculative, not yet settled
         self._settled: dict[SpeculationKey, bool] = {}  # settled before their record came
 
     def prompt(self, user_text: str) -> list[ChatMessage]:
-        messages: list[ChatMessage] = [{"role": "system", "content": self._options.system_prompt}]
         with self._exchanges_lock:
+            messages: list[ChatMessage] = [{"role": "system", "content": self._system_prompt}]
             for exchange in self._exchanges:
                 messages.append({"role": "user", "content": exchange.user})
                 messages.append({"role": "assistant", "content": exchange.reply})
         messages.append({"role": "user", "content": user_text})
         return messages
+
+    def set_system_prompt(self, text: str) -> None:
+        """From the next reply on (the client's instructions)."""
+        with self._exchanges_lock:
+            self._system_prompt = text
 
     def record(
         self, user_text: str, reply_text: str, interrupted: bool = False, turn_id: int = -1

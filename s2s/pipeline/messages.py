@@ -82,6 +82,14 @@ class AudioChunk(Message):
     received_at: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InputCommand(Message):
+    """The client's say over its own turn, in order with its audio: ``commit`` ends the
+    speech under way now (without waiting for the silence), ``clear`` drops it unheard."""
+
+    action: Literal["commit", "clear"]
+
+
 # --- edge: VAD -> STT ---------------------------------------------------------------------
 
 
@@ -175,6 +183,15 @@ class SpeculationSettled(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class InputCommandDone(Message):
+    """An ``InputCommand`` was carried out; ``applied`` is False when there was no speech
+    under way to commit or clear."""
+
+    action: Literal["commit", "clear"]
+    applied: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TurnInterrupted(Message):
     """The turn's in-flight work was abandoned; ``generation`` is the new generation."""
 
@@ -230,6 +247,7 @@ Event: TypeAlias = (
     | SpeechStopped
     | SpeechResumed
     | SpeculationSettled
+    | InputCommandDone
     | Transcript
     | ReplyText
     | TurnInterrupted

@@ -159,6 +159,27 @@ class VadSegmenter:
             self._speech_end = None
             self._paused_at = None
 
+    def commit(self) -> list[VadEvent]:
+        """End the speech under way now, as if its silence had lasted (the client says the
+        turn is over). Nothing when no speech is confirmed."""
+        if not self._confirmed or self._speech_start is None:
+            return []
+        if self._speech_end is None:
+            self._speech_end = self._audio_start + len(self._audio)
+        return [self._end(forced=True)]
+
+    def clear(self) -> list[VadEvent]:
+        """Drop the speech under way unheard. A ``VadResumed`` when a pause was reported
+        for it: work started at that pause is moot."""
+        if self._speech_start is None:
+            return []
+        paused = self._paused_at is not None
+        self._speech_start = None
+        self._confirmed = False
+        self._speech_end = None
+        self._paused_at = None
+        return [VadResumed(self._audio_start + len(self._audio))] if paused else []
+
     def _end(self, forced: bool) -> VadEnded:
         ended = VadEnded(*self._cut(), forced)
         self._speech_start = None

@@ -21,6 +21,8 @@ from s2s.pipeline.echo import EchoGate
 from s2s.pipeline.history import ChatHistory, ChatMessage
 from s2s.pipeline.messages import (
     AudioChunk,
+    InputCommand,
+    InputCommandDone,
     ReplyAudio,
     ReplyText,
     Samples,
@@ -49,6 +51,10 @@ class VoiceActivity(Protocol):
     def push(self, samples: Samples) -> list[VadEvent]: ...
 
     def restart(self, speech_start: int) -> None: ...
+
+    def commit(self) -> list[VadEvent]: ...
+
+    def clear(self) -> list[VadEvent]: ...
 
 
 class Transcriber(Protocol):
@@ -79,7 +85,7 @@ ECHO_DIP_S = 0.1
 # --- VAD ------------------------------------------------------------------------------------
 
 
-class VadStage(Stage[AudioChunk, SpeechSegment]):
+class VadStage(Stage[AudioChunk | InputCommand, SpeechSegment]):
     """Microphone audio in; one ``SpeechSegment`` per utterance out, with speech events."""
 
     name = "vad"
@@ -101,28 +107,58 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
         self._loud_since: float | None = None  # the user louder than the echo since then
         self._last_loud_at = 0.0
         self._next_turn_id = 0
+        self._stream_end = 0  # input samples seen so far
         self._speech_started_at: float | None = None
         self._ignoring_echo = False
         self.echoes_ignored = 0
 
-    def handle(self, item: AudioChunk, ctx: StageContext) -> Iterator[SpeechSegment]:
+    def handle(self, item: AudioChunk | InputCommand, ctx: StageContext) -> Iterator[SpeechSegment]:
+        if isinstance(item, InputCommand):
+            yield from self._command(item, ctx)
+            return
         if item.sample_rate_hz != self._sample_rate_hz:
             raise ValueError(
                 f"VAD expects {self._sample_rate_hz} Hz audio, got {item.sample_rate_hz} Hz"
             )
         chunk_end = item.first_sample_index + len(item.samples)
+        self._stream_end = chunk_end
         self._track_loudness(item)
-        for event in self._vad.push(item.samples):
+        yield from self._segments(self._vad.push(item.samples), chunk_end, item.received_at, ctx)
+        self._user_spoke_up(item, chunk_end, ctx)
+
+    def _command(self, item: InputCommand, ctx: StageContext) -> Iterator[SpeechSegment]:
+        """The client ends its turn now (``commit``) or drops it (``clear``)."""
+        users_speech = self._vad.in_speech and not self._ignoring_echo
+        if item.action == "clear" or not users_speech:
+            events = self._vad.clear()  # echo under way is dropped either way
+            self._ignoring_echo = False
+        else:
+            events = self._vad.commit()
+        yield from self._segments(events, self._stream_end, time.monotonic(), ctx)
+        ctx.emit(
+            InputCommandDone(
+                session_id=ctx.session_id,
+                turn_id=self._next_turn_id,
+                generation=ctx.cancellation.generation,
+                action=item.action,
+                applied=users_speech,
+            )
+        )
+
+    def _segments(
+        self, events: list[VadEvent], chunk_end: int, received_at: float, ctx: StageContext
+    ) -> Iterator[SpeechSegment]:
+        for event in events:
             index = (
                 event.sample_index
                 if isinstance(event, VadStarted | VadResumed)
                 else event.speech_end_sample_index
             )
             # When that sample reached us: the chunk's arrival, less the audio after it.
-            at = item.received_at - (chunk_end - index) / self._sample_rate_hz
+            at = received_at - (chunk_end - index) / self._sample_rate_hz
             session_id, turn_id = ctx.session_id, self._next_turn_id
             generation = ctx.cancellation.generation
-            if isinstance(event, VadStarted) and self._maybe_echo(at, item.received_at):
+            if isinstance(event, VadStarted) and self._maybe_echo(at, received_at):
                 self._ignoring_echo = True  # the assistant hearing itself, until shown otherwise
                 self.echoes_ignored += 1
                 continue
@@ -170,7 +206,6 @@ class VadStage(Stage[AudioChunk, SpeechSegment]):
                 ),
                 provisional=provisional,
             )
-        self._user_spoke_up(item, chunk_end, ctx)
 
     def _track_loudness(self, item: AudioChunk) -> None:
         """Since when the microphone has been louder than the reply's echo could be (quieter

@@ -9,6 +9,7 @@ import http
 import itertools
 import logging
 import threading
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,9 +18,14 @@ from websockets.sync.server import Server, ServerConnection, serve
 
 from s2s.pipeline.deadline import Deadline
 from s2s.pipeline.echo import EchoOptions
+from s2s.pipeline.history import HistoryOptions
 from s2s.pipeline.pipeline import Pipeline
+from s2s.pipeline.segmenter import VadOptions
+from s2s.server import realtime
 from s2s.server.protocol import MAX_FRAME_BYTES, CloseCodes
+from s2s.server.realtime import RealtimeDefaults, RealtimeWire
 from s2s.server.session import PipelineFactory, Session, SessionLimits
+from s2s.server.wire import V1Wire, WireFormat
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,9 @@ class ServerConfig:
     echo: EchoOptions | None = field(default_factory=EchoOptions)
     """How the assistant's own voice in the microphone is told from the user's; None: off
     (every onset during a reply interrupts it)."""
+    vad: VadOptions = field(default_factory=VadOptions)
+    """The turn detection sessions start with (Realtime clients see it and may change it)."""
+    system_prompt: str = HistoryOptions().system_prompt
 
 
 def _same_secret(given: str, expected: str) -> bool:
@@ -149,6 +158,16 @@ class S2SServer:
             return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
         return None
 
+    def _wire_for(self, connection: ServerConnection, session_id: str) -> WireFormat:
+        """Protocol v1, or the OpenAI Realtime protocol at its path."""
+        assert connection.request is not None
+        url = urllib.parse.urlsplit(connection.request.path)
+        if url.path.rstrip("/") != realtime.PATH:
+            return V1Wire(self._models_info)
+        model = urllib.parse.parse_qs(url.query).get("model", [None])[0]
+        defaults = RealtimeDefaults(self.config.vad, self.config.system_prompt, self._models_info)
+        return RealtimeWire(session_id, defaults, model)
+
     def _handle(self, connection: ServerConnection) -> None:
         session_id = f"s{next(self._ids)}"
         with self._sessions_lock:
@@ -166,7 +185,7 @@ class S2SServer:
                     session_id,
                     self._build_pipeline,
                     self.config.limits,
-                    self._models_info,
+                    self._wire_for(connection, session_id),
                     self.config.echo,
                     self._count_speculation,
                 )

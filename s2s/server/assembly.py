@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -32,6 +32,7 @@ def build_session_pipeline(
     speculate: bool = True,
     echo_gate: EchoGate | None = None,
     voice_activity: VoiceActivity | None = None,
+    vad_overrides: Mapping[str, float] | None = None,
 ) -> Pipeline:
     """A new pipeline with its own VAD state and history; the models are shared.
 
@@ -40,9 +41,12 @@ def build_session_pipeline(
     ``speculate`` starts the reply at a pause, before the end of the turn is confirmed, when
     the server's policy allows it (no other session's confirmed reply in progress).
     ``voice_activity``: the session's streaming VAD (default: Silero on the shared model).
+    ``vad_overrides``: ``VadOptions`` fields this session's client asked for.
     """
     history = ChatHistory(history_options or HistoryOptions(), models.llm.count_tokens)
     vad_options = models.profile.vad
+    if vad_overrides:
+        vad_options = replace(vad_options, **vad_overrides)  # type: ignore[arg-type]
     if baseline:
         vad_options = replace(vad_options, pause_after_ms=None)  # no transcription ahead
     stages: list[Stage[Any, Any]] = [

@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         max_sessions=int(args.max_sessions),
         echo=EchoOptions(ratio=float(args.echo_ratio)) if float(args.echo_ratio) > 0 else None,
         limits=SessionLimits(idle_timeout_s=float(args.idle_timeout_s)),
+        vad=models.profile.vad,
+        system_prompt=history.system_prompt,
     )
     server = S2SServer(config, build, models_info(models))
     try:

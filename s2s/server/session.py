@@ -1,4 +1,8 @@
-"""One client connection: handshake, a pipeline of its own, audio in, events and audio out.
+"""One client connection: a pipeline of its own, audio in, events and audio out.
+
+This is the session core, the one copy of the session logic: turns, pacing, barge-in,
+holding back speculation, heard-only history. How messages look on the socket belongs to a
+wire format (``wire.py``: protocol v1; ``realtime.py``: the OpenAI Realtime protocol).
 
 Runs on the connection's handler thread. Everything it blocks on can be woken: ``recv`` by
 closing the connection (``shutdown()`` from any thread does that), the pipeline by its pill.
@@ -21,31 +25,36 @@ from s2s.pipeline.echo import EchoGate, EchoOptions
 from s2s.pipeline.messages import (
     AudioChunk,
     Event,
+    InputCommand,
     Message,
     ReplyAudio,
     ReplyText,
     SpeculationSettled,
     SpeechResumed,
     SpeechStarted,
-    SpeechStopped,
     StageError,
     Transcript,
-    TurnInterrupted,
     TurnMetrics,
 )
-from s2s.pipeline.pipeline import Pipeline
+from s2s.pipeline.pipeline import Pipeline, PipelineClosed
 from s2s.pipeline.segmenter import VAD_SAMPLE_RATE_HZ
 from s2s.pipeline.stages import LlmStage
-from s2s.server import protocol
 from s2s.server.playback import ReplyLedger
-from s2s.server.protocol import (
-    CloseCodes,
-    End,
-    ErrorCodes,
-    Hello,
-    Interrupt,
-    Playback,
-    ProtocolError,
+from s2s.server.protocol import CloseCodes
+from s2s.server.wire import (
+    Audio,
+    Command,
+    EndTurn,
+    Finish,
+    Frame,
+    Heard,
+    Instruct,
+    InterruptReply,
+    Refuse,
+    Reply,
+    SessionSetup,
+    Start,
+    WireFormat,
 )
 
 log = logging.getLogger(__name__)
@@ -110,7 +119,7 @@ class Session:
         session_id: str,
         build_pipeline: PipelineFactory,
         limits: SessionLimits,
-        models_info: dict[str, str],
+        wire: WireFormat,
         echo_options: EchoOptions | None = None,
         on_speculation: Callable[[str], None] | None = None,
     ) -> None:
@@ -119,9 +128,10 @@ class Session:
         self._connection = connection
         self._build_pipeline = build_pipeline
         self._limits = limits
-        self._models_info = models_info
+        self._wire = wire
         self._pipeline: Pipeline | None = None
-        self._hello: Hello | None = None
+        self._setup: SessionSetup | None = None
+        self._system_prompt: str | None = None  # the client's, once it sets one
         self._resampler: StreamResampler | None = None
         self._samples_received = 0
         self._send_lock = threading.Lock()  # keeps an event and its audio frames in order
@@ -146,10 +156,7 @@ class Session:
 
     def run(self) -> None:
         try:
-            hello = self._handshake()
-            if hello is None:
-                return
-            self._serve(hello)
+            self._serve()
         except ConnectionClosed:
             pass
         finally:
@@ -162,87 +169,82 @@ class Session:
         self._closing.set()
         self._pacing_wake.set()
         self._wake_held_audio()
-        self._send(protocol.event("bye", reason=reason))
+        self._send_frames(self._wire.bye, reason)
         self._close(code, reason)
 
     # --- phases ---------------------------------------------------------------------------
 
-    def _handshake(self) -> Hello | None:
-        try:
-            first = self._connection.recv(timeout=self._limits.handshake_timeout_s)
-        except TimeoutError:
-            self._refuse(ErrorCodes.NOT_READY, "no hello within the handshake timeout")
-            return None
-        if isinstance(first, bytes):
-            self._refuse(ErrorCodes.NOT_READY, "audio before hello: send hello first")
-            return None
-        try:
-            message = protocol.parse_client_text(first)
-        except ProtocolError as exc:
-            self._refuse(exc.code, str(exc))
-            return None
-        if not isinstance(message, Hello):
-            self._refuse(ErrorCodes.NOT_READY, "the first message must be hello")
-            return None
-        self._hello = message
-        self._resampler = StreamResampler(message.input_sample_rate_hz, VAD_SAMPLE_RATE_HZ)
+    def _serve(self) -> None:
+        self._send_frames(self._wire.opening)
+        while True:
+            awaiting_hello = self._pipeline is None and self._wire.hello_first
+            timeout_s = (
+                self._limits.handshake_timeout_s if awaiting_hello else self._limits.idle_timeout_s
+            )
+            try:
+                message = self._connection.recv(timeout=timeout_s)
+            except TimeoutError:
+                if awaiting_hello:
+                    self._carry_out(self._wire.handshake_timed_out())
+                else:
+                    self._close(CloseCodes.POLICY_VIOLATION, f"idle for {timeout_s:g} s")
+                return
+            for command in self._wire.receive(message, started=self._pipeline is not None):
+                if not self._carry_out(command):
+                    return
+
+    def _carry_out(self, command: Command) -> bool:
+        """Do what the client asked; False: the session is over."""
+        if isinstance(command, Audio):
+            self._on_audio(command.pcm)
+        elif isinstance(command, Reply):
+            self._send_frames(lambda: list(command.frames))
+        elif isinstance(command, InterruptReply):
+            if self._pipeline is not None:
+                self._interrupt("client interrupt", force=True)
+        elif isinstance(command, Heard):
+            self._on_playback(command.turn_id, command.played_ms)
+        elif isinstance(command, EndTurn):
+            self._feed_command(command)
+        elif isinstance(command, Instruct):
+            self._system_prompt = command.system_prompt
+            if self._pipeline is not None:
+                self._pipeline.stage(LlmStage).history.set_system_prompt(command.system_prompt)
+        elif isinstance(command, Start):
+            self._start(command.setup)
+        elif isinstance(command, Finish):
+            if self._pipeline is not None:
+                self._finish_and_close()
+            else:
+                self._close(CloseCodes.NORMAL, "end")
+            return False
+        elif isinstance(command, Refuse):
+            self._send_frames(lambda: list(command.frames))
+            self._close(CloseCodes.PROTOCOL_ERROR, command.reason)
+            return False
+        return True
+
+    def _start(self, setup: SessionSetup) -> None:
+        self._setup = setup
+        self._resampler = StreamResampler(setup.input_sample_rate_hz, VAD_SAMPLE_RATE_HZ)
         self._pipeline = self._build_pipeline(
             session_id=self.session_id,
-            output_rate_hz=message.output_sample_rate_hz,
-            baseline=message.baseline,
-            speculate=message.speculate,
+            output_rate_hz=setup.output_sample_rate_hz,
+            baseline=setup.baseline,
+            speculate=setup.speculate,
             echo_gate=self._echo_gate,
+            vad_overrides=setup.vad_overrides,
             deliver=self._deliver,
             on_event=self._on_event,
         )
+        if self._system_prompt is not None:
+            self._pipeline.stage(LlmStage).history.set_system_prompt(self._system_prompt)
         self._pipeline.start()
-        self._send(
-            protocol.event(
-                "ready",
-                protocol=protocol.PROTOCOL_VERSION,
-                session_id=self.session_id,
-                input_sample_rate=message.input_sample_rate_hz,
-                output_sample_rate=message.output_sample_rate_hz,
-                options={"pipeline": message.pipeline},
-                models=self._models_info,
-            )
-        )
-        return message
+        self._send_frames(self._wire.started, self.session_id, setup)
 
-    def _serve(self, hello: Hello) -> None:
-        while True:
-            try:
-                message = self._connection.recv(timeout=self._limits.idle_timeout_s)
-            except TimeoutError:
-                reason = f"idle for {self._limits.idle_timeout_s:g} s"
-                self._close(CloseCodes.POLICY_VIOLATION, reason)
-                return
-            if isinstance(message, bytes):
-                self._on_audio(message, hello)
-                continue
-            try:
-                parsed = protocol.parse_client_text(message)
-            except ProtocolError as exc:
-                self._error(exc.code, str(exc))
-                continue
-            if isinstance(parsed, Interrupt):
-                self._interrupt("client interrupt", force=True)
-            elif isinstance(parsed, Playback):
-                self._on_playback(parsed)
-            elif isinstance(parsed, End):
-                self._finish_and_close()
-                return
-            else:
-                self._error(ErrorCodes.BAD_MESSAGE, "hello was already received")
-
-    def _on_audio(self, data: bytes, hello: Hello) -> None:
-        try:
-            protocol.check_audio_frame(data)
-        except ProtocolError as exc:
-            self._error(exc.code, str(exc))
-            return
+    def _on_audio(self, pcm: bytes) -> None:
         assert self._pipeline is not None and self._resampler is not None
-        samples = self._resampler.push(from_pcm16(data))
+        samples = self._resampler.push(from_pcm16(pcm))
         if len(samples):
             self._pipeline.feed(
                 AudioChunk(
@@ -256,6 +258,18 @@ class Session:
                 )
             )
             self._samples_received += len(samples)
+
+    def _feed_command(self, command: EndTurn) -> None:
+        assert self._pipeline is not None
+        with contextlib.suppress(PipelineClosed):
+            self._pipeline.feed(
+                InputCommand(
+                    session_id=self.session_id,
+                    turn_id=0,
+                    generation=self._pipeline.cancellation.generation,
+                    action=command.action,
+                )
+            )
 
     def _finish_and_close(self) -> None:
         assert self._pipeline is not None
@@ -288,9 +302,12 @@ class Session:
             # abandoning, an interruption or a close wakes it.
             while self._held_key == (item.turn_id, item.generation) and not self._closing.is_set():
                 self._hold_changed.wait()
-        if cancellation.is_stale(item.generation):
-            return  # abandoned (a discarded speculation, an interruption): nothing of it goes out
         with self._send_lock:
+            # Checked under the send lock, as every send of this reply is: an interruption
+            # moves the generation on before its ``interrupted`` goes out under the same lock,
+            # so nothing of an abandoned reply can follow it.
+            if cancellation.is_stale(item.generation):
+                return  # abandoned (a discarded speculation, an interruption)
             with self._reply_lock:
                 timeline = self._timeline
                 starts = timeline is None or (timeline.turn_id, timeline.generation) != (
@@ -302,27 +319,27 @@ class Session:
                     self._playing_until = None
             if starts:
                 self._pacing_wake.clear()
-                self._send_locked(protocol.event("reply_audio_start", turn_id=item.turn_id))
+                self._send_locked(self._wire.audio_start(item.turn_id))
         frame = max(1, item.sample_rate_hz * OUTPUT_FRAME_MS // 1000)
         for start in range(0, len(item.samples), frame):
             samples = item.samples[start : start + frame]
             plays_at = self._pace(item.sample_rate_hz)
-            if cancellation.is_stale(item.generation) or self._closing.is_set():
-                return
-            if self._echo_gate is not None:
-                self._echo_gate.played(samples, plays_at, item.sample_rate_hz)
-            self._ledger.sent(
-                item.turn_id, item.chunk_index, item.text, len(samples), item.sample_rate_hz
-            )
             with self._send_lock:
-                self._send_locked(to_pcm16(samples))
+                if cancellation.is_stale(item.generation) or self._closing.is_set():
+                    return
+                if self._echo_gate is not None:
+                    self._echo_gate.played(samples, plays_at, item.sample_rate_hz)
+                self._ledger.sent(
+                    item.turn_id, item.chunk_index, item.text, len(samples), item.sample_rate_hz
+                )
+                self._send_locked(self._wire.audio(item.turn_id, to_pcm16(samples)))
             with self._reply_lock:
                 if self._timeline is not None:
                     self._timeline.sent_s += len(samples) / item.sample_rate_hz
         if item.is_last:
             with self._send_lock:
                 if not cancellation.is_stale(item.generation):
-                    self._send_locked(protocol.event("reply_audio_end", turn_id=item.turn_id))
+                    self._send_locked(self._wire.audio_end(item.turn_id))
             with self._reply_lock:
                 timeline = self._timeline
                 if timeline is not None and timeline.generation == item.generation:
@@ -367,12 +384,13 @@ class Session:
         self._pipeline.cancel_turn(reason, turn_id=turn_id)
         self._pacing_wake.set()
 
-    def _on_playback(self, report: Playback) -> None:
+    def _on_playback(self, turn_id: int, played_ms: float) -> None:
         """The client says how much of an interrupted reply it played: keep only that."""
-        heard = self._ledger.heard_text(report.turn_id, report.played_ms)
+        with self._send_lock:  # the ledger is written under it
+            heard = self._ledger.heard_text(turn_id, played_ms)
         if heard is None or self._pipeline is None:
             return
-        self._pipeline.stage(LlmStage).history.amend_heard(report.turn_id, heard)
+        self._pipeline.stage(LlmStage).history.amend_heard(turn_id, heard)
 
     def _on_event(self, event: Event) -> None:
         """Runs on stage threads: must not block (sends are quick, pacing never happens here)."""
@@ -407,7 +425,7 @@ class Session:
             # being transcribed or generated) is moot. Moving to a new generation abandons it
             # wherever it is; nothing else of this session can be in flight while the user
             # speaks (a reply still playing was interrupted when this speech started).
-            if self._hello is not None and self._hello.speculate:
+            if self._setup is not None and self._setup.speculate:
                 cancellation.advance()
                 self._abandon_held("missed")
             return True
@@ -514,8 +532,9 @@ class Session:
 
     def _dispatch(self, event: Event) -> None:
         assert self._pipeline is not None
-        stale = self._pipeline.cancellation.is_stale(event.generation)
-        if stale and isinstance(event, Transcript | ReplyText | TurnMetrics | StageError):
+        cancellation = self._pipeline.cancellation
+        of_a_reply = isinstance(event, Transcript | ReplyText | TurnMetrics | StageError)
+        if of_a_reply and cancellation.is_stale(event.generation):
             return  # work of an abandoned turn that was already under way
         if isinstance(event, SpeechStarted):
             # Barge-in: the VAD already required min_speech_ms of speech and turned away the
@@ -525,59 +544,23 @@ class Session:
             with self._reply_lock:
                 self._active_turn = event.turn_id
                 self._playing_until = None
-        text = self._event_text(event)
-        if text is not None:
-            self._send(text)
-
-    def _event_text(self, event: Event) -> str | None:
-        if isinstance(event, SpeechStarted | SpeechStopped):
-            kind = "speech_started" if isinstance(event, SpeechStarted) else "speech_stopped"
-            return protocol.event(
-                kind, turn_id=event.turn_id, sample_index=self._input_index(event.sample_index)
-            )
-        if isinstance(event, Transcript):
-            return protocol.event("transcript", turn_id=event.turn_id, text=event.text)
-        if isinstance(event, ReplyText):
-            return protocol.event(
-                "reply_text",
-                turn_id=event.turn_id,
-                chunk_index=event.chunk_index,
-                text=event.text,
-                is_last=event.is_last,
-            )
-        if isinstance(event, TurnInterrupted):
-            return protocol.event("interrupted", turn_id=event.turn_id, reason=event.reason)
-        if isinstance(event, StageError):
-            return protocol.event(
-                "error",
-                code=ErrorCodes.STAGE_FAILED,
-                turn_id=event.turn_id,
-                message=f"{event.stage} failed: {event.error_type}: {event.detail}",
-            )
-        if isinstance(event, TurnMetrics):
-            return protocol.event("metrics", turn_id=event.turn_id, **self._metrics_fields(event))
-        return None
-
-    def _input_index(self, vad_index: int) -> int:
-        """A VAD sample index (16 kHz) in the client's own input rate."""
-        assert self._hello is not None
-        return round(vad_index * self._hello.input_sample_rate_hz / VAD_SAMPLE_RATE_HZ)
-
-    def _error(self, code: str, message: str) -> None:
-        self._send(protocol.event("error", code=code, message=message))
-
-    def _refuse(self, code: str, message: str) -> None:
-        self._error(code, message)
-        self._close(CloseCodes.PROTOCOL_ERROR, message)
-
-    def _send(self, message: str | bytes) -> None:
+        metrics = self._metrics_fields(event) if isinstance(event, TurnMetrics) else {}
         with self._send_lock:
-            self._send_locked(message)
+            if of_a_reply and cancellation.is_stale(event.generation):
+                return  # interrupted meanwhile: ``interrupted`` has gone out, nothing follows
+            self._send_locked(self._wire.event(event, metrics))
 
-    def _send_locked(self, message: str | bytes) -> None:
+    def _send_frames(self, make: Callable[..., list[Frame]], *args: object) -> None:
+        """Make frames and send them under the send lock: the wire format's state changes
+        in the order its frames go out."""
+        with self._send_lock:
+            self._send_locked(make(*args))
+
+    def _send_locked(self, frames: list[Frame]) -> None:
         # On a closed connection the receive loop sees the closure and tears the session down.
         with contextlib.suppress(ConnectionClosed):
-            self._connection.send(message)
+            for frame in frames:
+                self._connection.send(frame)
 
     def _close(self, code: int, reason: str) -> None:
         # WebSocket close reasons are limited to 123 bytes.
