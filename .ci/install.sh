@@ -4,7 +4,7 @@
 #
 #   bash .ci/install.sh                 everything, for running s2s
 #   bash .ci/install.sh --dev           plus the test tools (pytest, ruff, mypy, PulseAudio,
-#                                       a Docker engine and debootstrap)
+#                                       a Docker engine, debootstrap and chromium)
 #   bash .ci/install.sh --deps-only     the dependencies, not s2s itself (a Docker layer that
 #                                       code changes do not invalidate)
 #   bash .ci/install.sh --project-only  s2s itself, once the dependencies are in
@@ -52,6 +52,8 @@ if [[ $deps == 1 ]]; then
         # made with debootstrap where Docker Hub cannot be reached.
         command -v dockerd >/dev/null || apt_packages+=(docker.io)
         command -v debootstrap >/dev/null || apt_packages+=(debootstrap)
+        # The web client's test drives a real headless browser.
+        command -v chromium >/dev/null || apt_packages+=(chromium)
     fi
     if (( ${#apt_packages[@]} )); then
         if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then

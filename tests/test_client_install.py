@@ -40,5 +40,21 @@ def test_the_client_installs_alone_without_torch_and_runs(tmp_path: Path) -> Non
     )
     assert helped.returncode == 0, helped.stderr
     assert "--url" in helped.stdout
+    # The same wheel carries the protocol and the web client the server serves.
+    shipped = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import importlib.resources as r; s = r.files('s2s.server'); "
+            "print(sorted(p.name for p in s.joinpath('web').iterdir() if '.' in p.name "
+            "and not p.name.endswith(('.py', '.pyc'))), s.joinpath('PROTOCOL.md').is_file())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shipped.stdout.strip() == (
+        "['app.js', 'capture.js', 'index.html', 'playback.js', 'style.css'] True"
+    ), shipped.stdout + shipped.stderr
     size_mb = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file()) / 1e6
     print(f"client-only environment: {size_mb:.0f} MB")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import soundfile
 
 from s2s.models.audio import resample
 from s2s.models.profiles import LoadedModels
-from tests.processes import BIN, HANG_BOUND_S, Process, start_client, start_server
+from tests.processes import BIN, HANG_BOUND_S, Process, free_port, start_client, start_server
 
 pytestmark = pytest.mark.models
 
@@ -113,3 +114,23 @@ def test_client_with_a_missing_file_says_so(tmp_path: Path) -> None:
     client = start_client("ws://127.0.0.1:9", "--file", str(tmp_path / "nope.wav"))
     assert client.proc.wait(timeout=10) == 2
     assert "no such file" in client.stderr()
+
+
+def test_while_the_models_load_readyz_says_so_and_sigterm_exits_at_once() -> None:
+    """The port is bound before the models load: /readyz answers 503 and /healthz 200 while
+    they do; a SIGTERM then exits at once (nothing is served yet, loading is abandoned)."""
+    server = Process([str(BIN / "s2s-server"), "--device", "cpu", "--port", str(free_port())])
+    line = server.wait_for(lambda text: "loading models" in text, 60.0)
+    base = re.search(r"http://[\d.]+:\d+", line)
+    assert base, line
+    try:
+        with urllib.request.urlopen(f"{base.group(0)}/readyz", timeout=5) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    with urllib.request.urlopen(f"{base.group(0)}/healthz", timeout=5) as response:
+        alive = response.status
+    exit_status, took = server.signal_and_time(signal.SIGTERM)
+    assert (status, alive) == (503, 200)
+    assert exit_status == 128 + signal.SIGTERM and took < HANG_BOUND_S, server.stderr()
+    assert "Traceback" not in server.stderr()

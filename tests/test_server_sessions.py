@@ -141,6 +141,16 @@ def test_a_wrong_token_is_refused_in_the_handshake(running: Running) -> None:
     assert refused.value.response.status_code == 401
 
 
+def test_a_browser_passes_the_token_as_a_query_parameter(running: Running) -> None:
+    """Browsers cannot set Authorization on a WebSocket: ``?token=`` works, a wrong one is
+    refused with 401 like a wrong header."""
+    with connect(f"{running.url}/?token={TOKEN}", open_timeout=5) as accepted:
+        assert hello(accepted)["type"] == "ready"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{running.url}/?token=wrong", open_timeout=5)
+    assert refused.value.response.status_code == 401
+
+
 def test_two_authorization_headers_are_a_bad_request(running: Running) -> None:
     """Duplicate credentials get HTTP 400 with a reason, not a server error."""
     headers = [("Authorization", f"Bearer {TOKEN}"), ("Authorization", "Bearer other")]

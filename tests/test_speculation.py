@@ -226,15 +226,16 @@ def baseline_threads() -> Iterator[None]:
 def test_a_pause_mid_question_gives_one_turn_and_no_early_audio(
     cpu_models: LoadedModels,
 ) -> None:
-    """'What is the capital' - 300 ms - 'of France?': one turn whose transcript holds both
-    halves, no reply audio before the second half ended, the speculation at the pause
+    """'What is the capital' - 300 ms - 'of the country France?': one turn whose transcript
+    holds both halves, no reply audio before the second half ended, the speculation at the pause
     abandoned (missed), only the committed reply in the history, nothing left behind."""
     audio = np.concatenate(
         [
             silence(0.5),
             spoken(cpu_models, "What is the capital"),
             silence(0.3),
-            spoken(cpu_models, "of France?"),
+            # Several words: a lone "of France?" was heard as "A friend?" now and then.
+            spoken(cpu_models, "of the country France?"),
             silence(0.2),
         ]
     )
@@ -261,7 +262,7 @@ def test_a_pause_mid_question_gives_one_turn_and_no_early_audio(
         running.stop()
     [transcript] = heard.of("transcript")
     print(f"transcript {transcript['text']!r}; outcomes {outcomes}")
-    assert {"capital", "france"} <= set(re.findall(r"[a-z]+", transcript["text"].lower()))
+    assert {"capital", "country"} <= set(re.findall(r"[a-z]+", transcript["text"].lower()))
     assert len(heard.of("speech_stopped")) == 1
     assert heard.audio_at and min(heard.audio_at) > second_half_sent
     assert outcomes.get("missed", 0) >= 1  # the pause was speculated on, then abandoned

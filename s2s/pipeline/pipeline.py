@@ -146,6 +146,19 @@ class Pipeline:
         )
         return generation
 
+    def stalled(self, now: float, after_s: float) -> list[tuple[str, float]]:
+        """Stages on one item with no output for longer than ``after_s``: (name, seconds)."""
+        found = []
+        for runner in self.runners:
+            stalled_s = runner.stalled_s(now)
+            if stalled_s > after_s:
+                found.append((runner.stage.name, stalled_s))
+        return found
+
+    def queue_depths(self) -> dict[str, int]:
+        """Items waiting in front of each stage."""
+        return {runner.stage.name: runner.inbox.qsize() for runner in self.runners}
+
     def stage(self, kind: type[S]) -> S:
         """The pipeline's stage of the given type (the first, if several)."""
         for runner in self.runners:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -83,6 +84,13 @@ class StageRunner(Generic[In, Out]):
         # has reported it by name; it is still always joined with a timeout first.
         self.thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
         self.dropped_stale = 0
+        self._busy_since: float | None = None  # working on an item, with no output since
+
+    def stalled_s(self, now: float) -> float:
+        """How long the handler has been on one item without producing anything (0: idle).
+        A healthy stage makes an output every step; a wedged model call makes none."""
+        since = self._busy_since  # one read: the runner's thread may clear it meanwhile
+        return 0.0 if since is None else max(0.0, now - since)
 
     def start(self) -> None:
         self.thread.start()
@@ -110,10 +118,13 @@ class StageRunner(Generic[In, Out]):
         return not self.stage.accepts_stale_input and cancellation.is_stale(item.generation)
 
     def _process(self, item: In) -> None:
+        self._busy_since = time.monotonic()
         try:
             self._forward(self.stage.handle(item, self._ctx))
         except Exception as exc:
             self._report(exc, item)
+        finally:
+            self._busy_since = None
 
     def _finish(self) -> None:
         if self._ctx.cancellation.closed:
@@ -131,6 +142,8 @@ class StageRunner(Generic[In, Out]):
                     self.dropped_stale += 1
                     break
                 self.outbox.put(out)
+                if self._busy_since is not None:
+                    self._busy_since = time.monotonic()  # progress
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:

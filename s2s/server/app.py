@@ -1,16 +1,19 @@
 """The s2s server: a WebSocket endpoint, one session (and pipeline) per connection, models
-loaded once and shared, ``GET /healthz`` on the same port."""
+loaded once and shared. On the same port: protocol v1 at ``/``, the OpenAI Realtime protocol
+at ``/v1/realtime``, the web client (``GET /``), ``/healthz``, ``/readyz`` and ``/metrics``."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hmac
 import http
 import itertools
 import logging
 import threading
+import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from websockets.http11 import Request, Response
@@ -21,7 +24,9 @@ from s2s.pipeline.echo import EchoOptions
 from s2s.pipeline.history import HistoryOptions
 from s2s.pipeline.pipeline import Pipeline
 from s2s.pipeline.segmenter import VadOptions
-from s2s.server import realtime
+from s2s.server import realtime, web
+from s2s.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from s2s.server.metrics import ServerMetrics
 from s2s.server.protocol import MAX_FRAME_BYTES, CloseCodes
 from s2s.server.realtime import RealtimeDefaults, RealtimeWire
 from s2s.server.session import PipelineFactory, Session, SessionLimits
@@ -48,6 +53,9 @@ class ServerConfig:
     vad: VadOptions = field(default_factory=VadOptions)
     """The turn detection sessions start with (Realtime clients see it and may change it)."""
     system_prompt: str = HistoryOptions().system_prompt
+    stall_timeout_s: float = 60.0
+    """``/healthz`` turns unhealthy when a stage has been on one item this long without any
+    output (a wedged model call): a healthy stage makes an output every step."""
 
 
 def _same_secret(given: str, expected: str) -> bool:
@@ -62,11 +70,16 @@ class S2SServer:
         self,
         config: ServerConfig,
         build_pipeline: Callable[..., Pipeline],
-        models_info: dict[str, str],
+        models_info: Mapping[str, str] | None = None,
     ) -> None:
+        """``models_info`` None: the models are still loading; ``mark_ready()`` when they
+        are (until then ``/readyz`` answers 503 and sessions are refused)."""
         self.config = config
         self._build_pipeline: PipelineFactory = build_pipeline
-        self._models_info = models_info
+        self._models_info = dict(models_info or {})
+        self._ready = threading.Event()
+        if models_info is not None:
+            self._ready.set()
         self._sessions: dict[str, Session] = {}
         self._sessions_lock = threading.Lock()  # guards _sessions and _accepting
         self._accepting = True
@@ -76,6 +89,18 @@ class S2SServer:
         self.speculation_outcomes: collections.Counter[str] = collections.Counter()
         """Replies speculated at a pause, server-wide: hit, missed (the user went on) or
         discarded (the final transcript differed)."""
+        self.metrics = ServerMetrics(lambda: self.session_count, self._queue_depths)
+        self.metrics.ready.set(1 if self._ready.is_set() else 0)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def mark_ready(self, models_info: Mapping[str, str]) -> None:
+        """The models are loaded: serve sessions."""
+        self._models_info = dict(models_info)
+        self._ready.set()
+        self.metrics.ready.set(1)
 
     @property
     def port(self) -> int:
@@ -129,9 +154,21 @@ class S2SServer:
             ["ws-shutdown"] if closer.is_alive() else []
         )
 
-    def _count_speculation(self, outcome: str) -> None:
+    # --- what sessions report (``session.SessionObserver``) ------------------------------------
+
+    def speculation(self, outcome: str) -> None:
         with self._outcomes_lock:
             self.speculation_outcomes[outcome] += 1
+        self.metrics.speculation(outcome)
+
+    def turn(self, fields: Mapping[str, object]) -> None:
+        self.metrics.turn(fields)
+
+    def interrupted(self, reason: str) -> None:
+        self.metrics.interrupted(reason)
+
+    def error(self, code: str) -> None:
+        self.metrics.error(code)
 
     def speculation_summary(self) -> str:
         with self._outcomes_lock:
@@ -143,18 +180,73 @@ class S2SServer:
         with self._sessions_lock:
             return len(self._sessions)
 
+    # --- health -------------------------------------------------------------------------
+
+    def stalled_stages(self) -> list[str]:
+        """Stages of open sessions on one item with no output for ``stall_timeout_s``."""
+        now = time.monotonic()
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        found = []
+        for session in sessions:
+            for stage, stalled_s in session.stalled(now, self.config.stall_timeout_s):
+                found.append(f"{stage} of session {session.session_id} ({stalled_s:.0f} s)")
+        return found
+
+    def _queue_depths(self) -> dict[str, int]:
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        total: collections.Counter[str] = collections.Counter()
+        for session in sessions:
+            total.update(session.queue_depths())
+        return dict(total)
+
     # --- per connection -------------------------------------------------------------------
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        if request.path == "/healthz":
+        """Plain HTTP on the WebSocket port; None lets a WebSocket handshake go on."""
+        path = urllib.parse.urlsplit(request.path).path
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if path == "/healthz":
+            stalled = self.stalled_stages()
+            if stalled:
+                return connection.respond(
+                    http.HTTPStatus.SERVICE_UNAVAILABLE, "stalled: " + "; ".join(stalled) + "\n"
+                )
             return connection.respond(http.HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            if not self._ready.is_set():
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "loading models\n")
+            return connection.respond(http.HTTPStatus.OK, "ready\n")
+        if not upgrade and web.serves(path):
+            return _with_body(connection, *web.page(path))
+        refusal = self._authorize(connection, request)
+        if refusal is not None:
+            self.metrics.session_refused("unauthorized")
+            return refusal
+        if path == "/metrics":
+            return _with_body(connection, self.metrics.exposition(), METRICS_CONTENT_TYPE)
+        return None
+
+    def _authorize(self, connection: ServerConnection, request: Request) -> Response | None:
+        """The token, from ``Authorization: Bearer`` or (browsers cannot set that header on
+        a WebSocket) the ``token`` query parameter; compared in constant time."""
         credentials = request.headers.get_all("Authorization")
-        if len(credentials) > 1:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
+        tokens = query.get("token", [])
+        if len(credentials) > 1 or len(tokens) > 1:
             return connection.respond(
-                http.HTTPStatus.BAD_REQUEST, "send one Authorization header, not several\n"
+                http.HTTPStatus.BAD_REQUEST,
+                "send one Authorization header or one token parameter, not several\n",
             )
         token = self.config.token
-        if token and not _same_secret(credentials[0] if credentials else "", f"Bearer {token}"):
+        if not token:
+            return None
+        if credentials:
+            given, expected = credentials[0], f"Bearer {token}"
+        else:
+            given, expected = (tokens[0] if tokens else ""), token
+        if not _same_secret(given, expected):
             return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
         return None
 
@@ -170,14 +262,18 @@ class S2SServer:
 
     def _handle(self, connection: ServerConnection) -> None:
         session_id = f"s{next(self._ids)}"
+        wire = self._wire_for(connection, session_id)
         with self._sessions_lock:
             refusal = None
             if not self._accepting:
-                refusal = (CloseCodes.GOING_AWAY, "server shutting down")
+                refusal = (CloseCodes.GOING_AWAY, "server shutting down", "shutting_down")
+            elif not self._ready.is_set():
+                refusal = (CloseCodes.TRY_AGAIN_LATER, "models still loading", "loading")
             elif len(self._sessions) >= self.config.max_sessions:
                 refusal = (
                     CloseCodes.TRY_AGAIN_LATER,
                     f"server busy: {self.config.max_sessions} sessions at most",
+                    "busy",
                 )
             else:
                 session = Session(
@@ -185,15 +281,17 @@ class S2SServer:
                     session_id,
                     self._build_pipeline,
                     self.config.limits,
-                    self._wire_for(connection, session_id),
+                    wire,
                     self.config.echo,
-                    self._count_speculation,
+                    self,
                 )
                 self._sessions[session_id] = session
         if refusal is not None:
             log.info("refused a connection: %s", refusal[1])
-            connection.close(*refusal)
+            self.metrics.session_refused(refusal[2])
+            connection.close(refusal[0], refusal[1])
             return
+        self.metrics.session_opened(wire.protocol_name)
         log.info("session %s opened from %s", session_id, connection.remote_address)
         try:
             session.run()
@@ -201,3 +299,17 @@ class S2SServer:
             with self._sessions_lock:
                 self._sessions.pop(session_id, None)
             log.info("session %s closed", session_id)
+
+
+def _with_body(connection: ServerConnection, body: bytes, content_type: str) -> Response:
+    response = connection.respond(http.HTTPStatus.OK, "")
+    # websockets' Headers keeps every value set: drop the plain-text ones first.
+    for name, value in (
+        ("Content-Length", str(len(body))),
+        ("Content-Type", content_type),
+        ("Cache-Control", "no-cache"),
+    ):
+        if name in response.headers:
+            del response.headers[name]
+        response.headers[name] = value
+    return dataclasses.replace(response, body=body)

@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     option("token", "require 'Authorization: Bearer TOKEN' from clients")
     option("max-sessions", "refuse connections beyond this many (default 4)", "4")
     option("idle-timeout-s", "close a connection silent this long (default 300)", "300")
+    option(
+        "stall-timeout-s",
+        "/healthz reports unhealthy when a stage is stuck on one item this long (default 60)",
+        "60",
+    )
     option("stt-model", "faster-whisper size, hub id or directory (default: the device profile's)")
     option("stt-language", "language code for STT, or 'auto' (default en)", "en")
     option(
@@ -164,19 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         profile = profile_from_args(args)
-        began = time.monotonic()
-        models = load_models(profile)
     except ModelUnavailable as exc:
         print(f"s2s-server: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
-    log.info("models loaded in %.1f s (%s)", time.monotonic() - began, describe(models))
     history = HistoryOptions(system_prompt=args.system_prompt)
-    models.speculation.enabled = args.speculate == "on"
+    loaded: list[LoadedModels] = []  # the models, once loaded (sessions wait until then)
 
     def build(**kwargs: Any) -> Pipeline:
-        return build_session_pipeline(models, history_options=history, **kwargs)
+        return build_session_pipeline(loaded[0], history_options=history, **kwargs)
 
     config = ServerConfig(
         host=args.host,
@@ -185,10 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         max_sessions=int(args.max_sessions),
         echo=EchoOptions(ratio=float(args.echo_ratio)) if float(args.echo_ratio) > 0 else None,
         limits=SessionLimits(idle_timeout_s=float(args.idle_timeout_s)),
-        vad=models.profile.vad,
+        vad=profile.vad,
         system_prompt=history.system_prompt,
+        stall_timeout_s=float(args.stall_timeout_s),
     )
-    server = S2SServer(config, build, models_info(models))
+    # Bound first, so a port in use fails at once and /readyz answers (503) while loading.
+    server = S2SServer(config, build, models_info=None)
     try:
         server.start()
     except OSError as exc:
@@ -196,54 +198,93 @@ def main(argv: list[str] | None = None) -> int:
             f"s2s-server: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
         )
         return 2
-    return serve_until_signalled(server, config)
+    serving = Serving(server, config)
+    serving.begin()
+    try:
+        began = time.monotonic()
+        models = load_models(profile)
+    except ModelUnavailable as exc:
+        print(f"s2s-server: error: {exc}", file=sys.stderr)
+        serving.end(2)
+    log.info("models loaded in %.1f s (%s)", time.monotonic() - began, describe(models))
+    models.speculation.enabled = args.speculate == "on"
+    loaded.append(models)
+    server.mark_ready(models_info(models))
+    serving.ready()
 
 
-def serve_until_signalled(server: S2SServer, config: ServerConfig) -> NoReturn:
-    """Serve; the first SIGINT/SIGTERM shuts down within 2 s, a second exits at once."""
-    stopping = threading.Event()
-    finished = threading.Event()
-    left_behind: list[str] = []
+class Serving:
+    """Serves on a thread from ``begin()`` until a signal: the first SIGINT or SIGTERM shuts
+    down within 2 s (at once while the models still load), a second exits at once."""
 
-    def shut_down() -> None:
-        left_behind.extend(server.shutdown(SHUTDOWN_TIMEOUT_S))
-        finished.set()
+    def __init__(self, server: S2SServer, config: ServerConfig) -> None:
+        self._server = server
+        self._config = config
+        self._stopping = threading.Event()
+        self._finished = threading.Event()
+        self._left_behind: list[str] = []
+        self._loop = threading.Thread(target=server.serve_forever, name="ws-serve")
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if stopping.is_set():
+    def begin(self) -> None:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        self._loop.start()
+        where = f"http://{self._config.host}:{self._server.port}"
+        print(f"s2s-server loading models ({where}/readyz answers 503 until ready)", flush=True)
+
+    def ready(self) -> NoReturn:
+        config, port = self._config, self._server.port
+        print(
+            f"s2s-server listening on ws://{config.host}:{port} "
+            f"(web client: http://{config.host}:{port}/, health: /healthz, /readyz, /metrics; "
+            f"{config.max_sessions} sessions max)",
+            flush=True,
+        )
+        self._finished.wait()
+        self.end(0)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self._stopping.is_set():
             os._exit(128 + signum)  # second signal: no more waiting
-        stopping.set()
+        self._stopping.set()
         log.info("%s: shutting down", signal.Signals(signum).name)
-        # Not in the handler itself: shutdown waits for serve_forever, which this thread runs.
-        threading.Thread(target=shut_down, name="shutdown", daemon=True).start()
+        if not self._server.ready:
+            # Loading cannot be interrupted midway, and nothing is served yet: leave now.
+            self._server.shutdown(SHUTDOWN_TIMEOUT_S)
+            _leave(128 + signum)
+        # Not in the handler itself: it runs on the main thread, which must stay responsive.
+        threading.Thread(target=self._shut_down, name="shutdown", daemon=True).start()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    print(
-        f"s2s-server listening on ws://{config.host}:{server.port} "
-        f"(health: http://{config.host}:{server.port}/healthz, {config.max_sessions} sessions max)",
-        flush=True,
-    )
-    server.serve_forever()
-    finished.wait(SHUTDOWN_TIMEOUT_S + 0.3)
-    stuck = left_behind + [
-        t.name
-        for t in threading.enumerate()
-        if t is not threading.main_thread() and t.is_alive() and not t.daemon
-    ]
-    if stuck:
-        log.error("threads still alive at exit: %s", ", ".join(stuck))
-        logging.shutdown()
-        os._exit(1)  # they would hold the interpreter open: leave now, having said which
-    log.info("speculative replies: %s", server.speculation_summary())
-    log.info("stopped cleanly")
+    def _shut_down(self) -> None:
+        self._left_behind.extend(self._server.shutdown(SHUTDOWN_TIMEOUT_S))
+        self._finished.set()
+
+    def end(self, status: int) -> NoReturn:
+        if status != 0:
+            self._server.shutdown(SHUTDOWN_TIMEOUT_S)
+        self._loop.join(SHUTDOWN_TIMEOUT_S + 0.3)
+        stuck = self._left_behind + [
+            t.name
+            for t in threading.enumerate()
+            if t is not threading.main_thread() and t.is_alive() and not t.daemon
+        ]
+        if stuck:
+            log.error("threads still alive at exit: %s", ", ".join(stuck))
+            _leave(1)  # they would hold the interpreter open: leave now, having said which
+        if status == 0:
+            log.info("speculative replies: %s", self._server.speculation_summary())
+            log.info("stopped cleanly")
+        _leave(status)
+
+
+def _leave(status: int) -> NoReturn:
     # Every thread we started has been joined. What remains is the model libraries' teardown
     # at interpreter exit (torch, CTranslate2, onnxruntime), which takes seconds and has
     # nothing of ours to flush: leave now, or the 2 s a signal allows would be spent there.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 def describe(models: LoadedModels) -> str:

@@ -118,6 +118,7 @@ class _Response:
 class RealtimeWire:
     """One Realtime connection's translation state (thread-safe: its own lock)."""
 
+    protocol_name = "realtime"
     hello_first = False
 
     def __init__(
@@ -164,7 +165,7 @@ class RealtimeWire:
         except RealtimeError as exc:
             with self._lock:
                 frames = self._error_frames(exc.code, str(exc), exc.param, client_event_id)
-            return [Reply(tuple(frames))]
+            return [Reply(tuple(frames), exc.code)]
 
     def _client_event(self, kind: str, data: dict[str, Any], started: bool) -> list[Command]:
         if kind == "input_audio_buffer.append":

@@ -14,8 +14,9 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection
@@ -34,6 +35,7 @@ from s2s.pipeline.messages import (
     SpeechStarted,
     StageError,
     Transcript,
+    TurnInterrupted,
     TurnMetrics,
 )
 from s2s.pipeline.pipeline import Pipeline, PipelineClosed
@@ -99,6 +101,19 @@ OUTCOMES_KEPT = 8
 """Turns whose speculation outcome is remembered until their metrics pass."""
 
 
+class SessionObserver(Protocol):
+    """What a session reports to its server (metrics); called from the session's threads."""
+
+    def turn(self, fields: Mapping[str, object]) -> None:
+        """A turn's first audio went out; ``fields``: its ``metrics`` event's fields."""
+
+    def interrupted(self, reason: str) -> None: ...
+
+    def error(self, code: str) -> None: ...
+
+    def speculation(self, outcome: str) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class SessionLimits:
     handshake_timeout_s: float = 5.0
@@ -121,10 +136,10 @@ class Session:
         limits: SessionLimits,
         wire: WireFormat,
         echo_options: EchoOptions | None = None,
-        on_speculation: Callable[[str], None] | None = None,
+        observer: SessionObserver | None = None,
     ) -> None:
         self.session_id = session_id
-        self._on_speculation = on_speculation
+        self._observer = observer
         self._connection = connection
         self._build_pipeline = build_pipeline
         self._limits = limits
@@ -198,6 +213,7 @@ class Session:
         if isinstance(command, Audio):
             self._on_audio(command.pcm)
         elif isinstance(command, Reply):
+            self._report_error(command.error_code)
             self._send_frames(lambda: list(command.frames))
         elif isinstance(command, InterruptReply):
             if self._pipeline is not None:
@@ -219,10 +235,15 @@ class Session:
                 self._close(CloseCodes.NORMAL, "end")
             return False
         elif isinstance(command, Refuse):
+            self._report_error(command.error_code)
             self._send_frames(lambda: list(command.frames))
             self._close(CloseCodes.PROTOCOL_ERROR, command.reason)
             return False
         return True
+
+    def _report_error(self, code: str | None) -> None:
+        if code is not None and self._observer is not None:
+            self._observer.error(code)
 
     def _start(self, setup: SessionSetup) -> None:
         self._setup = setup
@@ -469,8 +490,8 @@ class Session:
         self._pipeline.stage(LlmStage).history.settle(key, keep)
 
     def _remember(self, turn_id: int, outcome: _Outcome) -> None:
-        if self._on_speculation is not None:
-            self._on_speculation(outcome.outcome)
+        if self._observer is not None:
+            self._observer.speculation(outcome.outcome)
         self._speculation[turn_id] = outcome
         while len(self._speculation) > OUTCOMES_KEPT:
             del self._speculation[next(iter(self._speculation))]
@@ -549,6 +570,23 @@ class Session:
             if of_a_reply and cancellation.is_stale(event.generation):
                 return  # interrupted meanwhile: ``interrupted`` has gone out, nothing follows
             self._send_locked(self._wire.event(event, metrics))
+        if self._observer is not None:
+            if isinstance(event, TurnMetrics):
+                self._observer.turn(metrics)
+            elif isinstance(event, TurnInterrupted):
+                self._observer.interrupted(event.reason)
+            elif isinstance(event, StageError):
+                self._observer.error("stage_failed")
+
+    # --- health ---------------------------------------------------------------------------
+
+    def stalled(self, now: float, after_s: float) -> list[tuple[str, float]]:
+        pipeline = self._pipeline
+        return [] if pipeline is None else pipeline.stalled(now, after_s)
+
+    def queue_depths(self) -> dict[str, int]:
+        pipeline = self._pipeline
+        return {} if pipeline is None else pipeline.queue_depths()
 
     def _send_frames(self, make: Callable[..., list[Frame]], *args: object) -> None:
         """Make frames and send them under the send lock: the wire format's state changes

@@ -110,6 +110,8 @@ class Reply:
     """Frames the wire format answers with itself (an error, an acknowledgement)."""
 
     frames: tuple[Frame, ...]
+    error_code: str | None = None
+    """Set when the frames are an error (counted in the server's metrics)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,12 +120,15 @@ class Refuse:
 
     frames: tuple[Frame, ...]
     reason: str
+    error_code: str | None = None
 
 
 Command = Start | Audio | InterruptReply | Heard | Finish | EndTurn | Instruct | Reply | Refuse
 
 
 class WireFormat(Protocol):
+    protocol_name: str
+    """For logs and metrics: ``v1`` or ``realtime``."""
     hello_first: bool
     """True: nothing is served before a ``Start`` (within the handshake timeout)."""
 
@@ -157,6 +162,7 @@ class WireFormat(Protocol):
 class V1Wire:
     """Protocol v1 (``PROTOCOL.md``): binary audio frames, JSON events, ``hello`` first."""
 
+    protocol_name = "v1"
     hello_first = True
 
     def __init__(self, models_info: Mapping[str, str]) -> None:
@@ -173,19 +179,20 @@ class V1Wire:
             try:
                 protocol.check_audio_frame(message)
             except ProtocolError as exc:
-                return [Reply(tuple(self.error(exc.code, str(exc))))]
+                return [Reply(tuple(self.error(exc.code, str(exc))), exc.code)]
             return [Audio(message)]
         try:
             parsed = protocol.parse_client_text(message)
         except ProtocolError as exc:
-            return [Reply(tuple(self.error(exc.code, str(exc))))]
+            return [Reply(tuple(self.error(exc.code, str(exc))), exc.code)]
         if isinstance(parsed, protocol.Interrupt):
             return [InterruptReply()]
         if isinstance(parsed, protocol.Playback):
             return [Heard(parsed.turn_id, parsed.played_ms)]
         if isinstance(parsed, protocol.End):
             return [Finish()]
-        return [Reply(tuple(self.error(ErrorCodes.BAD_MESSAGE, "hello was already received")))]
+        error = self.error(ErrorCodes.BAD_MESSAGE, "hello was already received")
+        return [Reply(tuple(error), ErrorCodes.BAD_MESSAGE)]
 
     def _hello(self, message: Frame) -> Command:
         if isinstance(message, bytes):
@@ -202,7 +209,7 @@ class V1Wire:
         )
 
     def _refusal(self, code: str, message: str) -> Refuse:
-        return Refuse(tuple(self.error(code, message)), message)
+        return Refuse(tuple(self.error(code, message)), message, code)
 
     def handshake_timed_out(self) -> Refuse:
         return self._refusal(ErrorCodes.NOT_READY, "no hello within the handshake timeout")

@@ -1,0 +1,117 @@
+"""Readiness, stall detection and metrics over real HTTP and WebSocket on loopback, with a
+pipeline whose one stage can be wedged at will (no models)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from s2s.models.audio import to_pcm16
+from s2s.pipeline.messages import AudioChunk
+from s2s.pipeline.pipeline import Pipeline
+from s2s.pipeline.stage import Stage, StageContext
+from s2s.server.app import S2SServer, ServerConfig
+from s2s.server.protocol import CloseCodes
+from tests.servers import settle
+
+STALL_AFTER_S = 0.3
+
+
+class Wedged(Stage[AudioChunk, AudioChunk]):
+    """Hangs on the first audio until released, as a model call that never returns."""
+
+    name = "wedged"
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def handle(self, item: AudioChunk, ctx: StageContext) -> Iterator[AudioChunk]:
+        self.entered.set()
+        self.release.wait(30.0)
+        return iter(())
+
+
+class Served:
+    def __init__(self) -> None:
+        self.stage = Wedged()
+
+        def build(**kwargs: Any) -> Pipeline:
+            return Pipeline(
+                [self.stage],
+                deliver=kwargs["deliver"],
+                on_event=kwargs["on_event"],
+                session_id=kwargs["session_id"],
+            )
+
+        config = ServerConfig(port=0, stall_timeout_s=STALL_AFTER_S)
+        self.server = S2SServer(config, build, models_info=None)  # still loading
+        self.server.start()
+        self.base = f"http://127.0.0.1:{self.server.port}"
+        self.url = f"ws://127.0.0.1:{self.server.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, name="test-server")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stage.release.set()
+        assert self.server.shutdown(2.0) == []
+        self._thread.join(5.0)
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    running = Served()
+    yield running
+    running.stop()
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_not_ready_while_loading_then_ready(served: Served) -> None:
+    assert get(f"{served.base}/readyz") == (503, "loading models\n")
+    assert get(f"{served.base}/healthz") == (200, "ok\n")  # alive, only not ready
+    with connect(served.url, open_timeout=5) as early, pytest.raises(ConnectionClosed) as closed:
+        early.recv(timeout=5)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+        CloseCodes.TRY_AGAIN_LATER,
+        "models still loading",
+    )
+    served.server.mark_ready({"device": "cpu"})
+    assert get(f"{served.base}/readyz") == (200, "ready\n")
+    _, metrics = get(f"{served.base}/metrics")
+    assert 's2s_sessions_refused_total{reason="loading"} 1.0' in metrics
+    assert "s2s_ready 1.0" in metrics
+
+
+def test_a_wedged_stage_turns_healthz_unhealthy_until_it_moves(served: Served) -> None:
+    served.server.mark_ready({"device": "cpu"})
+    with connect(served.url, open_timeout=5) as client:
+        hello = {"type": "hello", "protocol": 1, "input_sample_rate": 16000}
+        client.send(json.dumps(hello))
+        assert json.loads(client.recv(timeout=5))["type"] == "ready"
+        client.send(to_pcm16(np.zeros(1600, dtype=np.float32)))
+        assert served.stage.entered.wait(5.0)
+        assert get(f"{served.base}/healthz") == (200, "ok\n")  # busy, not yet stalled
+        time.sleep(STALL_AFTER_S * 2)
+        status, text = get(f"{served.base}/healthz")
+        assert status == 503
+        assert text.startswith("stalled: wedged of session s1")
+        served.stage.release.set()
+        assert settle(lambda: get(f"{served.base}/healthz") == (200, "ok\n"))
