@@ -122,18 +122,22 @@ def test_image_command_is_the_server_configured_by_server_options(dockerfile: st
     assert settings <= {env_var(option) for option in options}
 
 
-def test_health_check_module_answers_for_a_live_server_only() -> None:
-    """`python -m s2s.server.healthcheck` (the images' and compose's check) exits 0 against a
-    server's /healthz on S2S_PORT and 1 when nothing listens there."""
+def test_health_check_module_answers_for_a_live_ready_server_only() -> None:
+    """`python -m s2s.server.healthcheck` (the images' and compose's check) exits 1 when
+    nothing listens on S2S_PORT, 1 while the server still loads its models (/readyz 503),
+    and 0 once it is ready."""
     check = [sys.executable, "-m", "s2s.server.healthcheck"]
     env = {**os.environ, "S2S_PORT": str(free_port())}
     assert subprocess.run(check, env=env, capture_output=True, timeout=30).returncode == 1
-    server = S2SServer(ServerConfig(port=0), build_pipeline=_no_sessions, models_info={})
+    server = S2SServer(ServerConfig(port=0), build_pipeline=_no_sessions, models_info=None)
     server.start()
     serving = threading.Thread(target=server.serve_forever, name="health-server")
     serving.start()
     try:
         env["S2S_PORT"] = str(server.port)
+        loading = subprocess.run(check, env=env, capture_output=True, text=True, timeout=30)
+        assert loading.returncode == 1 and "/readyz" in loading.stderr
+        server.mark_ready({"device": "cpu"})
         done = subprocess.run(check, env=env, capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
     finally:

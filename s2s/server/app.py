@@ -284,6 +284,7 @@ class S2SServer:
                     wire,
                     self.config.echo,
                     self,
+                    on_ended=lambda: self._release(session_id),
                 )
                 self._sessions[session_id] = session
         if refusal is not None:
@@ -296,9 +297,13 @@ class S2SServer:
         try:
             session.run()
         finally:
-            with self._sessions_lock:
-                self._sessions.pop(session_id, None)
+            self._release(session_id)
             log.info("session %s closed", session_id)
+
+    def _release(self, session_id: str) -> None:
+        """The connection is over: its slot is free, while its teardown may still run."""
+        with self._sessions_lock:
+            self._sessions.pop(session_id, None)
 
 
 def _with_body(connection: ServerConnection, body: bytes, content_type: str) -> Response:

@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     option("max-sessions", "refuse connections beyond this many (default 4)", "4")
     option("idle-timeout-s", "close a connection silent this long (default 300)", "300")
     option(
+        "send-timeout-s",
+        "cut off a client whose socket takes no data for this long (default 5)",
+        "5",
+    )
+    option(
         "stall-timeout-s",
         "/healthz reports unhealthy when a stage is stuck on one item this long (default 60)",
         "60",
@@ -184,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         token=args.token or None,
         max_sessions=int(args.max_sessions),
         echo=EchoOptions(ratio=float(args.echo_ratio)) if float(args.echo_ratio) > 0 else None,
-        limits=SessionLimits(idle_timeout_s=float(args.idle_timeout_s)),
+        limits=SessionLimits(
+            idle_timeout_s=float(args.idle_timeout_s), send_timeout_s=float(args.send_timeout_s)
+        ),
         vad=profile.vad,
         system_prompt=history.system_prompt,
         stall_timeout_s=float(args.stall_timeout_s),

@@ -81,7 +81,10 @@ class ServerMetrics:
             registry=self.registry,
         )
         self._errors = Counter(
-            "s2s_errors", "Error events sent to clients, by code", ["code"], registry=self.registry
+            "s2s_errors",
+            "Errors, by code: those sent to clients, and client_not_reading (cut off)",
+            ["code"],
+            registry=self.registry,
         )
         self._speculation = Counter(
             "s2s_speculation",

@@ -94,12 +94,27 @@ class Playback:
 ClientMessage = Hello | Interrupt | End | Playback
 
 
+def loads(text: str) -> Any:
+    """Strict JSON: no NaN or Infinity (not JSON, and they pass numeric checks). Raises
+    ValueError for bad JSON, numbers over Python's 4,300-digit limit, and nesting deeper
+    than the interpreter's recursion limit."""
+    try:
+        return json.loads(text, parse_constant=_not_json)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def parse_client_text(text: str) -> ClientMessage:
     """One client text frame to a message, or ``ProtocolError`` saying what is wrong."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(ErrorCodes.BAD_JSON, f"text frames must be JSON: {exc.msg}") from exc
+        data = loads(text)
+    except ValueError as exc:
+        message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise ProtocolError(ErrorCodes.BAD_JSON, f"text frames must be JSON: {message}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ProtocolError(ErrorCodes.BAD_MESSAGE, 'a message is a JSON object with a "type"')
     kind = data["type"]
@@ -111,7 +126,13 @@ def parse_client_text(text: str) -> ClientMessage:
         return End()
     if kind == "playback":
         turn_id, played_ms = data.get("turn_id"), data.get("played_ms")
-        if not isinstance(turn_id, int) or not isinstance(played_ms, int | float) or played_ms < 0:
+        numbers = not isinstance(turn_id, bool) and not isinstance(played_ms, bool)
+        if (
+            not numbers
+            or not isinstance(turn_id, int)
+            or not isinstance(played_ms, int | float)
+            or played_ms < 0
+        ):
             raise ProtocolError(
                 ErrorCodes.BAD_MESSAGE, "playback needs an integer turn_id and played_ms >= 0"
             )
@@ -124,7 +145,7 @@ def parse_client_text(text: str) -> ClientMessage:
 
 def _parse_hello(data: dict[str, Any]) -> Hello:
     version = data.get("protocol", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
+    if isinstance(version, bool) or version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCodes.UNSUPPORTED_VERSION,
             f"protocol {version!r} is not supported; this server speaks {PROTOCOL_VERSION}",

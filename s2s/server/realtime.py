@@ -31,6 +31,7 @@ from s2s.pipeline.messages import (
     TurnInterrupted,
 )
 from s2s.pipeline.segmenter import VAD_SAMPLE_RATE_HZ, VadOptions
+from s2s.server import protocol
 from s2s.server.wire import (
     Audio,
     Command,
@@ -581,8 +582,8 @@ class RealtimeWire:
 
 def _json_object(text: str) -> dict[str, Any]:
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
+        data = protocol.loads(text)
+    except ValueError as exc:
         raise RealtimeError("invalid_request_error", f"events are JSON objects: {exc}") from exc
     if not isinstance(data, dict):
         raise RealtimeError("invalid_request_error", "an event is a JSON object")

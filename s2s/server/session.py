@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from websockets.exceptions import ConnectionClosed
@@ -41,6 +41,7 @@ from s2s.pipeline.messages import (
 from s2s.pipeline.pipeline import Pipeline, PipelineClosed
 from s2s.pipeline.segmenter import VAD_SAMPLE_RATE_HZ
 from s2s.pipeline.stages import LlmStage
+from s2s.server.admission import AudioBudget, AudioMeter
 from s2s.server.playback import ReplyLedger
 from s2s.server.protocol import CloseCodes
 from s2s.server.wire import (
@@ -58,6 +59,7 @@ from s2s.server.wire import (
     Start,
     WireFormat,
 )
+from s2s.server.writer import SessionWriter
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ class _Outcome:
     settled_at: float = 0.0
 
 
+RATE_LIMITED = "rate_limited"
 OUTCOMES_KEPT = 8
 """Turns whose speculation outcome is remembered until their metrics pass."""
 
@@ -122,6 +125,16 @@ class SessionLimits:
     cancel_timeout_s: float = 1.0
     end_timeout_s: float = 60.0
     """After the client's ``end``: how long the current reply may take to finish."""
+    send_timeout_s: float = 5.0
+    """A send to the client that makes no progress this long cuts the session off (the
+    client stopped reading); other sessions never wait on it."""
+    max_queued_frames: int = 512
+    """Frames waiting for the client (about 50 s of 100 ms audio, far beyond what pacing
+    queues): over this, the session is cut off."""
+    close_wait_s: float = 1.0
+    """At the end: how long the queued frames and the closing handshake may take."""
+    audio_budget: AudioBudget = field(default_factory=AudioBudget)
+    """Audio faster than this is refused (``rate_limited``, then close 1008)."""
 
 
 class Session:
@@ -137,9 +150,13 @@ class Session:
         wire: WireFormat,
         echo_options: EchoOptions | None = None,
         observer: SessionObserver | None = None,
+        on_ended: Callable[[], None] | None = None,
     ) -> None:
+        """``on_ended`` is called as soon as the connection is over, before the pipeline is
+        torn down, so the server can give the slot to a new connection at once."""
         self.session_id = session_id
         self._observer = observer
+        self._on_ended = on_ended
         self._connection = connection
         self._build_pipeline = build_pipeline
         self._limits = limits
@@ -149,7 +166,17 @@ class Session:
         self._system_prompt: str | None = None  # the client's, once it sets one
         self._resampler: StreamResampler | None = None
         self._samples_received = 0
+        self._audio_meter: AudioMeter | None = None  # from the first audio on
         self._send_lock = threading.Lock()  # keeps an event and its audio frames in order
+        # Every frame goes out through the writer's queue: no thread of this session but the
+        # writer ever blocks on the socket.
+        self._writer = SessionWriter(
+            connection,
+            limits.send_timeout_s,
+            limits.max_queued_frames,
+            f"session-{session_id}-writer",
+            self._cut_off,
+        )
         self._closing = threading.Event()
         self._echo_gate = EchoGate(echo_options) if echo_options is not None else None
         self._ledger = ReplyLedger()
@@ -170,11 +197,14 @@ class Session:
     # --- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> None:
+        self._writer.start()
         try:
             self._serve()
         except ConnectionClosed:
             pass
         finally:
+            if self._on_ended is not None:
+                self._on_ended()
             self._teardown()
 
     def shutdown(self, code: int, reason: str) -> None:
@@ -211,6 +241,8 @@ class Session:
     def _carry_out(self, command: Command) -> bool:
         """Do what the client asked; False: the session is over."""
         if isinstance(command, Audio):
+            if not self._admit(command.pcm):
+                return False
             self._on_audio(command.pcm)
         elif isinstance(command, Reply):
             self._report_error(command.error_code)
@@ -263,6 +295,22 @@ class Session:
         self._pipeline.start()
         self._send_frames(self._wire.started, self.session_id, setup)
 
+    def _admit(self, pcm: bytes) -> bool:
+        """Audio within the session's budget; a flood is refused and the session closed."""
+        assert self._setup is not None
+        now = time.monotonic()
+        if self._audio_meter is None:
+            self._audio_meter = AudioMeter(self._limits.audio_budget, now)
+        duration_s = len(pcm) / 2 / self._setup.input_sample_rate_hz
+        if self._audio_meter.admit(duration_s, now):
+            return True
+        budget = self._limits.audio_budget
+        reason = f"audio faster than {budget.rate:g}x real time (burst {budget.burst_s:g} s)"
+        self._report_error(RATE_LIMITED)
+        self._send_frames(self._wire.error, RATE_LIMITED, reason)
+        self._close(CloseCodes.POLICY_VIOLATION, reason)
+        return False
+
     def _on_audio(self, pcm: bytes) -> None:
         assert self._pipeline is not None and self._resampler is not None
         samples = self._resampler.push(from_pcm16(pcm))
@@ -308,6 +356,16 @@ class Session:
             if report.stuck_threads:
                 log.error("session %s: threads left: %s", self.session_id, report.stuck_threads)
         self._close(CloseCodes.NORMAL, "")
+        if not self._writer.join(self._limits.close_wait_s):
+            log.error("session %s: the writer did not stop", self.session_id)
+
+    def _cut_off(self, why: str) -> None:
+        """The writer dropped the connection (the client stopped reading): stop working
+        for it. The receive loop sees the closed connection and tears the session down."""
+        self._report_error("client_not_reading")
+        self._closing.set()
+        self._pacing_wake.set()
+        self._wake_held_audio()
 
     # --- outgoing -------------------------------------------------------------------------
 
@@ -595,11 +653,7 @@ class Session:
             self._send_locked(make(*args))
 
     def _send_locked(self, frames: list[Frame]) -> None:
-        # On a closed connection the receive loop sees the closure and tears the session down.
-        with contextlib.suppress(ConnectionClosed):
-            for frame in frames:
-                self._connection.send(frame)
+        self._writer.send(frames)
 
     def _close(self, code: int, reason: str) -> None:
-        # WebSocket close reasons are limited to 123 bytes.
-        self._connection.close(code, reason.encode()[:123].decode(errors="ignore"))
+        self._writer.close(code, reason)
