@@ -214,6 +214,11 @@ class Session:
         self._closing.set()
         self._pacing_wake.set()
         self._wake_held_audio()
+        pipeline = self._pipeline
+        if pipeline is not None:
+            # Work in flight is abandoned, so an ``end`` being drained (``stop()`` waiting for
+            # the reply) finishes now rather than after the whole reply.
+            pipeline.cancellation.close()
         self._send_frames(self._wire.bye, reason)
         self._close(code, reason)
 
