@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import soundfile
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from s2s.models.audio import resample
 from s2s.models.profiles import LoadedModels
@@ -134,3 +136,33 @@ def test_while_the_models_load_readyz_says_so_and_sigterm_exits_at_once() -> Non
     assert (status, alive) == (503, 200)
     assert exit_status == 128 + signal.SIGTERM and took < HANG_BOUND_S, server.stderr()
     assert "Traceback" not in server.stderr()
+
+
+def test_serving_beyond_loopback_without_a_token_makes_one_and_prints_it() -> None:
+    """`--host 0.0.0.0` and no `--token`: a random token, printed once, is required;
+    /healthz stays open. `--no-auth` serves without one, on purpose."""
+    server, url = start_server("--host", "0.0.0.0")
+    try:
+        [line] = [seen for seen in server.seen if "no --token" in seen]
+        found = re.search(r"--token (\S+),", line)
+        assert found, line
+        token = found.group(1)
+        local = url.replace("0.0.0.0", "127.0.0.1")
+        with urllib.request.urlopen(f"{local.replace('ws', 'http')}/healthz", timeout=5) as r:
+            assert r.status == 200
+        with pytest.raises(InvalidStatus) as refused:
+            connect(local, open_timeout=5).close()
+        assert refused.value.response.status_code == 401
+        with connect(f"{local}/?token={token}", open_timeout=5) as accepted:
+            accepted.send(json.dumps({"type": "hello", "protocol": 1}))
+            assert json.loads(accepted.recv(timeout=5))["type"] == "ready"
+    finally:
+        server.signal_and_time(signal.SIGTERM)
+    open_server, open_url = start_server("--host", "0.0.0.0", "--no-auth")
+    try:
+        assert not [seen for seen in open_server.seen if "no --token" in seen]
+        with connect(open_url.replace("0.0.0.0", "127.0.0.1"), open_timeout=5) as accepted:
+            accepted.send(json.dumps({"type": "hello", "protocol": 1}))
+            assert json.loads(accepted.recv(timeout=5))["type"] == "ready"
+    finally:
+        open_server.signal_and_time(signal.SIGTERM)

@@ -8,8 +8,10 @@ line wins. The Docker images use this.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -74,7 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     option(
         "port", f"TCP port for WebSocket and /healthz (default {DEFAULT_PORT})", str(DEFAULT_PORT)
     )
-    option("token", "require 'Authorization: Bearer TOKEN' from clients")
+    option(
+        "token",
+        "require 'Authorization: Bearer TOKEN' (or ?token=TOKEN) from clients; on an address "
+        "other than loopback a random one is made and printed when none is given",
+    )
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        default=(env_default("no-auth", "") or "").lower() in ("1", "true", "yes"),
+        help="serve a non-loopback address without any token (only behind your own auth)",
+    )
     option("max-sessions", "refuse connections beyond this many (default 4)", "4")
     option("idle-timeout-s", "close a connection silent this long (default 300)", "300")
     option(
@@ -186,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(
         host=args.host,
         port=int(args.port),
-        token=args.token or None,
+        token=token_for(args),
         max_sessions=int(args.max_sessions),
         echo=EchoOptions(ratio=float(args.echo_ratio)) if float(args.echo_ratio) > 0 else None,
         limits=SessionLimits(
@@ -218,6 +230,32 @@ def main(argv: list[str] | None = None) -> int:
     loaded.append(models)
     server.mark_ready(models_info(models))
     serving.ready()
+
+
+def token_for(args: argparse.Namespace) -> str | None:
+    """The token clients must send. Serving beyond this machine without one would hand the
+    models to anyone who reaches the port: then a random one is made and printed, once."""
+    if args.token:
+        return str(args.token)
+    if args.no_auth or _is_loopback(args.host):
+        return None
+    token = secrets.token_urlsafe(18)
+    print(
+        f"s2s-server: no --token for {args.host}: clients must send this one "
+        f"(--token {token}, or ?token={token} in the web client's address); "
+        "set --token or S2S_TOKEN to choose it, --no-auth to serve without one",
+        flush=True,
+    )
+    return token
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 class Serving:
