@@ -134,6 +134,18 @@ def test_a_session_beyond_max_sessions_is_refused_with_a_reason(running: Running
     second.close()
 
 
+def test_a_slot_is_free_as_soon_as_its_connection_ends(running: Running) -> None:
+    """At --max-sessions, a client that hangs up and reconnects at once gets in every time
+    (the old session's teardown may still be running)."""
+    keeper = raw(running.url)
+    hello(keeper)  # one of the two slots stays taken
+    for _ in range(5):
+        client = raw(running.url)
+        assert hello(client)["type"] == "ready"
+        client.close()
+    keeper.close()
+
+
 def test_a_wrong_token_is_refused_in_the_handshake(running: Running) -> None:
     """HTTP 401 before any WebSocket exists."""
     with pytest.raises(InvalidStatus) as refused:
