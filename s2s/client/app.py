@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import socket
+import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +34,12 @@ from s2s.server import protocol
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
+KEEPALIVE_S = 5.0
+"""A ping this often, answered within this long, or the server is gone: with the send
+timeout and TCP_USER_TIMEOUT below, a server that vanishes without a FIN is noticed within
+about 10 s, even while the sender is blocked on a full socket."""
+SEND_TIMEOUT_S = 5.0
+TCP_USER_TIMEOUT_MS = 10_000
 CLOSE_TIMEOUT_S = 0.3
 JOIN_TIMEOUT_S = 0.3
 """All of close() fits in the 0.5 s a Ctrl+C is allowed."""
@@ -52,6 +61,8 @@ class ClientConfig:
     pipeline: str = "streaming"
     """The server pipeline to ask for: streaming (default), no-speculation or baseline (the
     benchmark's comparisons; see PROTOCOL.md)."""
+    ca_file: str | None = None
+    """For ``wss://`` with a certificate the system does not trust (a self-signed one)."""
 
 
 @dataclass
@@ -142,24 +153,31 @@ class VoiceClient:
         if parsed.scheme not in ("ws", "wss") or not parsed.hostname:
             raise ClientError(f"--url must look like ws://HOST:PORT, got {self.config.url!r}")
         port = parsed.port or (443 if parsed.scheme == "wss" else 80)
+        address = _resolve(parsed.hostname, port)
         try:
             # Our own socket, so close() can shut it down even in the middle of the handshake.
-            self._socket = socket.create_connection(
-                (parsed.hostname, port), timeout=CONNECT_TIMEOUT_S
-            )
+            self._socket = socket.create_connection(address, timeout=CONNECT_TIMEOUT_S)
         except OSError as exc:
             raise ClientError(
                 f"cannot connect to {self.config.url}: {exc.strerror or exc}"
             ) from exc
+        _bound_sends(self._socket)
         headers = {"Authorization": f"Bearer {self.config.token}"} if self.config.token else None
+        tls = None
+        if parsed.scheme == "wss":
+            tls = ssl.create_default_context(cafile=self.config.ca_file)
         try:
             self._connection = self._exit_stack.enter_context(
                 connect(
                     self.config.url,
                     sock=self._socket,
+                    ssl=tls,
+                    server_hostname=parsed.hostname if tls else None,
                     additional_headers=headers,
                     open_timeout=CONNECT_TIMEOUT_S,
                     close_timeout=CLOSE_TIMEOUT_S,
+                    ping_interval=KEEPALIVE_S,
+                    ping_timeout=KEEPALIVE_S,
                     compression=None,
                     max_size=protocol.MAX_FRAME_BYTES,
                 )
@@ -180,12 +198,18 @@ class VoiceClient:
             raise ClientError(
                 f"no answer from {self.config.url} within {CONNECT_TIMEOUT_S:g} s"
             ) from exc
+        except ssl.SSLError as exc:
+            hint = (
+                " (a self-signed certificate needs --ca-file)" if "CERTIFICATE" in str(exc) else ""
+            )
+            raise ClientError(f"TLS with {self.config.url} failed: {exc.reason}{hint}") from exc
         except OSError as exc:
             raise ClientError(f"connection to {self.config.url} failed: {exc}") from exc
-        if ready.get("type") != "ready":
-            raise ClientError(
-                f"the server did not accept the session: {ready.get('message', ready)}"
-            )
+        except ValueError as exc:
+            raise ClientError(f"the server's answer is not protocol v1: {exc}") from exc
+        if not isinstance(ready, dict) or ready.get("type") != "ready":
+            message = ready.get("message", ready) if isinstance(ready, dict) else ready
+            raise ClientError(f"the server did not accept the session: {message}")
         self._report(ready)
 
     # --- threads --------------------------------------------------------------------------
@@ -226,10 +250,13 @@ class VoiceClient:
         try:
             for message in self._connection:
                 if isinstance(message, bytes):
+                    if len(message) % 2:
+                        log.warning("skipped a reply audio frame of odd length %d", len(message))
+                        continue
                     self._tracker.audio_received(time.monotonic())
                     self._sink.write(from_pcm16(message))
                 else:
-                    self._on_event(json.loads(message))
+                    self._on_text(message)
         except ConnectionClosed as exc:
             self._server_gone(_close_text(exc))
             return
@@ -237,6 +264,22 @@ class VoiceClient:
             self._server_gone(str(exc))
             return
         self._server_gone(_close_text_of(self._connection))
+
+    def _on_text(self, message: str) -> None:
+        """A server event; one that is malformed or unexpected is logged and skipped: the
+        conversation goes on (and the receiver never dies of it)."""
+        try:
+            event = json.loads(message)
+        except ValueError:
+            log.warning("skipped a server message that is not JSON: %.80r", message)
+            return
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            log.warning("skipped a server message without a type: %.80r", message)
+            return
+        try:
+            self._on_event(event)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("skipped a malformed %s event (%r): %.80r", event["type"], exc, message)
 
     def _server_gone(self, why: str) -> None:
         # An orderly shutdown that the server announced ends the session normally; anything
@@ -275,6 +318,42 @@ class VoiceClient:
         if self._connection is not None:
             with contextlib.suppress(ConnectionClosed):
                 self._connection.send(protocol.event("interrupt"))
+
+
+def _resolve(host: str, port: int) -> tuple[str, int]:
+    """The host's address, looked up on a helper thread: the caller waits interruptibly, so
+    Ctrl+C during a slow DNS lookup still exits at once."""
+    answer: queue.Queue[tuple[str, int] | OSError] = queue.Queue()
+
+    def lookup() -> None:
+        try:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            answer.put((str(info[0][4][0]), int(info[0][4][1])))
+        except OSError as exc:
+            answer.put(exc)
+
+    threading.Thread(target=lookup, name="client-dns", daemon=True).start()
+    try:
+        found = answer.get(timeout=CONNECT_TIMEOUT_S)
+    except queue.Empty:
+        raise ClientError(f"cannot look up {host} within {CONNECT_TIMEOUT_S:g} s") from None
+    if isinstance(found, OSError):
+        raise ClientError(f"cannot look up {host}: {found.strerror or found}")
+    return found
+
+
+def _bound_sends(sock: socket.socket) -> None:
+    """A send that makes no progress fails after SEND_TIMEOUT_S (``SO_SNDTIMEO``; receives
+    stay blocking), and the kernel drops a connection whose data goes unacknowledged for
+    TCP_USER_TIMEOUT_MS (Linux): a vanished server cannot hold the sender forever."""
+    whole = int(SEND_TIMEOUT_S)
+    timeval = struct.pack("ll", whole, int((SEND_TIMEOUT_S - whole) * 1_000_000))
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if user_timeout is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, user_timeout, TCP_USER_TIMEOUT_MS)
 
 
 def _close_text(exc: ConnectionClosed) -> str:

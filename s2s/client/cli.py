@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--url", default="ws://127.0.0.1:8765", help="server address (default ws://127.0.0.1:8765)"
     )
     parser.add_argument("--token", default=os.environ.get("S2S_TOKEN"), help="the server's --token")
+    parser.add_argument(
+        "--ca-file", help="for wss:// with a self-signed certificate: the CA (PEM) to trust"
+    )
     parser.add_argument(
         "--input-device", help="microphone: a device index or name (see --list-devices)"
     )
@@ -132,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     # an inherited SIG_IGN: Ctrl+C (or kill -INT) must always stop the client.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, on_terminate)
+    # The client says in one line why a connection ended; websockets' own account of the
+    # same event (a keepalive timeout, with its traceback) would only bury it.
+    logging.getLogger("websockets").setLevel(logging.CRITICAL)
     args = build_parser().parse_args(argv)
     if args.list_devices:
         print(list_devices())
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             token=args.token,
             half_duplex=args.half_duplex,
             exit_after_reply=args.file is not None,
+            ca_file=args.ca_file,
         ),
         source,
         recorder or sink,
