@@ -173,3 +173,26 @@ def test_an_interrupted_reply_is_marked() -> None:
     history = ChatHistory(HistoryOptions(), len)
     history.record("tell me", "Once upon a", interrupted=True)
     assert history.prompt("go on")[2]["content"] == "Once upon a" + INTERRUPTED_MARK
+
+
+def test_max_turns_zero_keeps_no_exchange() -> None:
+    history = ChatHistory(HistoryOptions(max_turns=0), len)
+    history.record("q", "a")
+    assert [m["role"] for m in history.prompt("next")] == ["system", "user"]
+
+
+def test_a_reply_heard_not_at_all_is_kept_as_nothing_heard() -> None:
+    """Cut off before any audio: what the user heard is nothing, whatever was generated."""
+    history = ChatHistory(HistoryOptions(), len)
+    history.amend_heard(4, "")  # the session says so before the LLM stage records it
+    history.record("tell me", "Once upon a time", interrupted=True, turn_id=4)
+    assert history.prompt("go on")[2]["content"] == INTERRUPTED_MARK
+
+
+def test_amendments_for_turns_never_recorded_do_not_pile_up() -> None:
+    history = ChatHistory(HistoryOptions(), len)
+    for turn in range(1000):
+        history.amend_heard(turn, "words")
+    history.record("late", "reply", turn_id=999)  # the most recent amendment still applies
+    assert history.prompt("x")[2]["content"] == "words" + INTERRUPTED_MARK
+    assert len(history._heard) <= 16  # bounded, whatever a long session does

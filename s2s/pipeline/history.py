@@ -118,9 +118,13 @@ class ChatHistory:
                     exchange.reply = heard_text.strip() + INTERRUPTED_MARK
                     return
             self._heard[turn_id] = heard_text
+            while len(self._heard) > SETTLED_KEYS_KEPT:  # for turns never recorded
+                del self._heard[next(iter(self._heard))]
 
     def _trim(self) -> None:
-        self._exchanges = self._exchanges[-self._options.max_turns :]
+        # A slice from -0 would keep everything: no turns kept means none.
+        keep = max(0, self._options.max_turns)
+        self._exchanges = self._exchanges[len(self._exchanges) - keep :] if keep else []
         while self._exchanges and self._tokens() > self._options.max_history_tokens:
             self._exchanges.pop(0)
 

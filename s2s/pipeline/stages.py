@@ -78,6 +78,8 @@ class Resampler(Protocol):
     def push(self, samples: Samples, last: bool = False) -> Samples: ...
 
 
+REPLIES_TRACKED = 8
+"""Replies per session whose first audio is remembered (only the current one matters)."""
 ECHO_DIP_S = 0.1
 """Within speech over echo, quieter moments up to this long (between syllables) do not end it."""
 
@@ -467,7 +469,9 @@ class TtsStage(Stage[ReplyText, ReplyAudio]):
         self._synthesizer = synthesizer
         self._output_rate_hz = output_rate_hz
         self._make_resampler = make_resampler
-        self._turns_with_audio: set[tuple[int, int]] = set()
+        # Replies whose first audio was made; a reply cancelled before its last chunk never
+        # leaves by itself, so only the most recent few are kept.
+        self._turns_with_audio: dict[tuple[int, int], None] = {}
 
     def handle(self, item: ReplyText, ctx: StageContext) -> Iterator[ReplyAudio]:
         is_stale = ctx.cancellation.stop_check(item.generation)
@@ -504,7 +508,7 @@ class TtsStage(Stage[ReplyText, ReplyAudio]):
                     end_urgent()
                     yield self._audio(item, audio, is_last=False, ctx=ctx)
         if item.is_last:
-            self._turns_with_audio.discard((item.turn_id, item.generation))
+            self._turns_with_audio.pop((item.turn_id, item.generation), None)
             yield self._audio(item, np.zeros(0, dtype=np.float32), is_last=True, ctx=ctx)
 
     def _speak(
@@ -520,7 +524,9 @@ class TtsStage(Stage[ReplyText, ReplyAudio]):
         clock = item.clock
         key = (item.turn_id, item.generation)
         if len(samples) and key not in self._turns_with_audio:
-            self._turns_with_audio.add(key)
+            self._turns_with_audio[key] = None
+            while len(self._turns_with_audio) > REPLIES_TRACKED:
+                del self._turns_with_audio[next(iter(self._turns_with_audio))]
             clock = clock.stamp(first_audio_at=time.monotonic())
             ctx.emit(TurnMetrics.from_clock(item, clock))
         return ReplyAudio(

@@ -467,6 +467,11 @@ class Session:
         assert self._pipeline is not None
         self._pipeline.cancel_turn(reason, turn_id=turn_id)
         self._pacing_wake.set()
+        with self._send_lock:  # the ledger is written under it
+            never_sent = self._ledger.heard_text(turn_id, 0.0) is None
+        if turn_id >= 0 and never_sent:
+            # Cut off before any of it was sent: the user heard none of the reply.
+            self._pipeline.stage(LlmStage).history.amend_heard(turn_id, "")
 
     def _on_playback(self, turn_id: int, played_ms: float) -> None:
         """The client says how much of an interrupted reply it played: keep only that."""
