@@ -22,6 +22,7 @@ from s2s.pipeline.pipeline import Pipeline
 from s2s.pipeline.stage import Stage, StageContext
 from s2s.server.app import S2SServer, ServerConfig
 from s2s.server.protocol import CloseCodes
+from s2s.server.session import SessionLimits
 from tests.servers import settle
 
 STALL_AFTER_S = 0.3
@@ -43,7 +44,7 @@ class Wedged(Stage[AudioChunk, AudioChunk]):
 
 
 class Served:
-    def __init__(self) -> None:
+    def __init__(self, limits: SessionLimits | None = None) -> None:
         self.stage = Wedged()
 
         def build(**kwargs: Any) -> Pipeline:
@@ -54,7 +55,9 @@ class Served:
                 session_id=kwargs["session_id"],
             )
 
-        config = ServerConfig(port=0, stall_timeout_s=STALL_AFTER_S)
+        config = ServerConfig(
+            port=0, stall_timeout_s=STALL_AFTER_S, limits=limits or SessionLimits()
+        )
         self.server = S2SServer(config, build, models_info=None)  # still loading
         self.server.start()
         self.base = f"http://127.0.0.1:{self.server.port}"
@@ -115,3 +118,19 @@ def test_a_wedged_stage_turns_healthz_unhealthy_until_it_moves(served: Served) -
         assert text.startswith("stalled: wedged of session s1")
         served.stage.release.set()
         assert settle(lambda: get(f"{served.base}/healthz") == (200, "ok\n"))
+
+
+def test_a_session_is_closed_at_the_session_length_limit() -> None:
+    served = Served(SessionLimits(max_session_s=0.5))
+    try:
+        served.server.mark_ready({"device": "cpu"})
+        with connect(served.url, open_timeout=5) as client:
+            client.send(json.dumps({"type": "hello", "protocol": 1}))
+            assert json.loads(client.recv(timeout=5))["type"] == "ready"
+            bye = json.loads(client.recv(timeout=5))  # about 0.5 s later
+            with pytest.raises(ConnectionClosed) as closed:
+                client.recv(timeout=5)
+    finally:
+        served.stop()
+    assert bye["type"] == "bye" and "session length limit" in bye["reason"]
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == CloseCodes.POLICY_VIOLATION

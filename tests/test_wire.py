@@ -66,10 +66,14 @@ def test_good_messages_become_commands() -> None:
     translation = wire()
     [start] = translation.receive(HELLO, started=False)
     assert isinstance(start, Start) and start.setup.input_sample_rate_hz == 16000
-    assert translation.receive(b"\x01\x00\x02\x00", started=True) == [Audio(b"\x01\x00\x02\x00")]
+    frame = bytes(640)  # 20 ms at 16 kHz
+    assert translation.receive(frame, started=True) == [Audio(frame)]
     assert translation.receive('{"type": "interrupt"}', started=True) == [InterruptReply()]
     playback = '{"type": "playback", "turn_id": 2, "played_ms": 1250}'
     assert translation.receive(playback, started=True) == [Heard(2, 1250.0)]
     assert translation.receive('{"type": "end"}', started=True) == [Finish()]
-    [odd] = translation.receive(b"\x01", started=True)
-    assert isinstance(odd, Reply) and odd.error_code == ErrorCodes.BAD_AUDIO
+    for bad in (b"\x01", bytes(2), bytes(318), bytes(3202)):  # odd; 1 sample; 9.9, 100.1 ms
+        [refused] = translation.receive(bad, started=True)
+        assert isinstance(refused, Reply) and refused.error_code == ErrorCodes.BAD_AUDIO
+    assert translation.receive(bytes(320), started=True) == [Audio(bytes(320))]  # 10 ms
+    assert translation.receive(bytes(3200), started=True) == [Audio(bytes(3200))]  # 100 ms

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     option("max-sessions", "refuse connections beyond this many (default 4)", "4")
     option("idle-timeout-s", "close a connection silent this long (default 300)", "300")
+    option("max-session-s", "close a session this long after it opened (default: no limit)")
     option(
         "send-timeout-s",
         "cut off a client whose socket takes no data for this long (default 5)",
@@ -202,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         max_sessions=int(args.max_sessions),
         echo=EchoOptions(ratio=float(args.echo_ratio)) if float(args.echo_ratio) > 0 else None,
         limits=SessionLimits(
-            idle_timeout_s=float(args.idle_timeout_s), send_timeout_s=float(args.send_timeout_s)
+            idle_timeout_s=float(args.idle_timeout_s),
+            send_timeout_s=float(args.send_timeout_s),
+            max_session_s=float(args.max_session_s) if args.max_session_s else None,
         ),
         vad=profile.vad,
         system_prompt=history.system_prompt,

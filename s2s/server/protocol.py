@@ -12,8 +12,10 @@ PROTOCOL_VERSION: Final = 1
 SUPPORTED_SAMPLE_RATES_HZ: Final = frozenset({8_000, 16_000, 22_050, 24_000, 44_100, 48_000})
 DEFAULT_INPUT_RATE_HZ: Final = 16_000
 DEFAULT_OUTPUT_RATE_HZ: Final = 24_000
+FRAME_MS_RANGE: Final = (10, 100)
+"""How long an audio frame is (at the agreed input rate)."""
 MAX_FRAME_BYTES: Final = 256 * 1024
-"""Largest frame the server accepts: ~2.7 s of 48 kHz PCM16; clients send 20-100 ms frames."""
+"""Largest frame the server accepts: ~2.7 s of 48 kHz PCM16; clients send 10-100 ms frames."""
 
 
 class CloseCodes:
@@ -175,12 +177,23 @@ def _parse_hello(data: dict[str, Any]) -> Hello:
     return Hello(PROTOCOL_VERSION, rates[0], rates[1], pipeline=str(pipeline))
 
 
-def check_audio_frame(data: bytes) -> None:
-    """PCM16 mono: an even number of bytes, at least one sample."""
+def check_audio_frame(data: bytes, rate_hz: int | None = None) -> None:
+    """PCM16 mono: an even number of bytes, at least one sample; with ``rate_hz``, a frame
+    of FRAME_MS_RANGE (the pacing, rate limits and latency figures assume it)."""
     if len(data) == 0 or len(data) % 2:
         raise ProtocolError(
             ErrorCodes.BAD_AUDIO,
             f"audio frames are 16-bit PCM: an even, non-zero byte count (got {len(data)})",
+        )
+    if rate_hz is None:
+        return
+    duration_ms = len(data) / 2 / rate_hz * 1000
+    shortest, longest = FRAME_MS_RANGE
+    if not shortest <= duration_ms <= longest:
+        raise ProtocolError(
+            ErrorCodes.BAD_AUDIO,
+            f"audio frames are {shortest}-{longest} ms long; this one is {duration_ms:.1f} ms "
+            f"({len(data)} bytes at {rate_hz} Hz): split it, or send bigger frames",
         )
 
 

@@ -133,6 +133,8 @@ class SessionLimits:
     queues): over this, the session is cut off."""
     close_wait_s: float = 1.0
     """At the end: how long the queued frames and the closing handshake may take."""
+    max_session_s: float | None = None
+    """A session is closed (1008) this long after it opened; None: no limit."""
     audio_budget: AudioBudget = field(default_factory=AudioBudget)
     """Audio faster than this is refused (``rate_limited``, then close 1008)."""
 
@@ -226,15 +228,28 @@ class Session:
 
     def _serve(self) -> None:
         self._send_frames(self._wire.opening)
+        ends_at = (
+            None
+            if self._limits.max_session_s is None
+            else time.monotonic() + self._limits.max_session_s
+        )
         while True:
             awaiting_hello = self._pipeline is None and self._wire.hello_first
             timeout_s = (
                 self._limits.handshake_timeout_s if awaiting_hello else self._limits.idle_timeout_s
             )
+            left_s = None if ends_at is None else ends_at - time.monotonic()
             try:
-                message = self._connection.recv(timeout=timeout_s)
+                if left_s is not None and left_s <= 0:
+                    raise TimeoutError
+                wait_s = timeout_s if left_s is None else min(timeout_s, left_s)
+                message = self._connection.recv(timeout=wait_s)
             except TimeoutError:
-                if awaiting_hello:
+                if ends_at is not None and time.monotonic() >= ends_at:
+                    limit = f"session length limit of {self._limits.max_session_s:g} s reached"
+                    self._send_frames(self._wire.bye, limit)
+                    self._close(CloseCodes.POLICY_VIOLATION, limit)
+                elif awaiting_hello:
                     self._carry_out(self._wire.handshake_timed_out())
                 else:
                     self._close(CloseCodes.POLICY_VIOLATION, f"idle for {timeout_s:g} s")

@@ -177,7 +177,7 @@ class V1Wire:
             return [self._hello(message)]
         if isinstance(message, bytes):
             try:
-                protocol.check_audio_frame(message)
+                protocol.check_audio_frame(message, self._input_rate_hz)
             except ProtocolError as exc:
                 return [Reply(tuple(self.error(exc.code, str(exc))), exc.code)]
             return [Audio(message)]

@@ -1,7 +1,7 @@
 // The s2s web client: microphone in, replies out, over protocol v1 (PROTOCOL.md).
 // Plain ES module: no build step, no CDN, works with no internet.
 
-const FRAME_MS = 40; // microphone frames (the protocol asks for 20-100 ms)
+const FRAME_MS = 40; // microphone frames (the protocol takes 10-100 ms)
 const SERVER_RATES = [8000, 16000, 22050, 24000, 44100, 48000];
 const params = new URLSearchParams(location.search);
 
