@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from s2s.models.audio import resample, to_pcm16
@@ -45,6 +46,7 @@ QUESTIONS = (
     "Tell me a story about a brave knight.",
     "How many legs does a spider have?",
 )
+RETRIES_1013 = 10
 ACTIONS = ("listen", "listen", "barge-in", "interrupt", "disconnect")
 
 
@@ -56,6 +58,8 @@ class Tally:
     late_audio: int = 0
     """Binary frames after ``interrupted`` and before the next ``reply_audio_start``."""
     failures: list[str] = field(default_factory=list)
+    retried: int = 0
+    """Reconnections answered 1013 (the old connection's end not yet seen) and retried."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -96,10 +100,24 @@ class Talker:
         self._close()
 
     def _open(self) -> None:
-        self._connection = connect(self._url, open_timeout=10, close_timeout=1, legacy=True)
-        self._connection.send(json.dumps({"type": "hello", "protocol": 1}))
-        self._clock = time.monotonic()
-        self._drain(0.0)
+        """A session; at --max-sessions right after an abrupt disconnect of ours, the server
+        may not have seen that connection end yet: 1013, try again later, as clients do."""
+        for attempt in range(RETRIES_1013):
+            connection = connect(self._url, open_timeout=10, close_timeout=1, legacy=True)
+            connection.send(json.dumps({"type": "hello", "protocol": 1}))
+            try:
+                ready = json.loads(connection.recv(timeout=10))
+            except ConnectionClosed as closed:
+                if closed.rcvd is None or closed.rcvd.code != 1013 or attempt == RETRIES_1013 - 1:
+                    raise
+                with self._tally.lock:
+                    self._tally.retried += 1
+                time.sleep(0.2)
+                continue
+            assert ready["type"] == "ready", ready
+            self._connection = connection
+            self._clock = time.monotonic()
+            return
 
     def _close(self) -> None:
         if self._connection is not None:
@@ -236,6 +254,7 @@ class Figures:
     interrupted: int
     late_audio_frames: int
     failures: list[str]
+    retried_1013: int
     threads_before: int
     threads_after: int
     rss_growth_mib: float
@@ -281,6 +300,7 @@ def soak(models: LoadedModels, folder: Path, turns: int, seed: int = 7) -> Figur
         interrupted=tally.interrupted,
         late_audio_frames=tally.late_audio,
         failures=tally.failures,
+        retried_1013=tally.retried,
         threads_before=threads_before,
         threads_after=threads_after,
         rss_growth_mib=round((rss_after - rss_between[0]) / 1024, 1),
