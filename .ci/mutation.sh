@@ -10,7 +10,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 [[ -x .venv/bin/mutmut ]] || .venv/bin/pip install --quiet "mutmut==3.8.1"
 rm -rf mutants
-.venv/bin/mutmut run > mutants.log 2>&1 || true
+.venv/bin/mutmut run > mutants.log 2>&1 || true  # progress output; the summary follows
 .venv/bin/python - <<'PY'
 import collections, json, pathlib, re, subprocess
 out = subprocess.run([".venv/bin/mutmut", "results", "--all", "true"], capture_output=True, text=True).stdout

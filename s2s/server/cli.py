@@ -8,8 +8,6 @@ line wins. The Docker images use this.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import ipaddress
 import logging
 import os
@@ -182,29 +180,7 @@ def profile_from_args(args: argparse.Namespace) -> ModelProfile:
     return with_concurrency(profile, int(args.max_sessions))
 
 
-MALLOC_ARENAS = 2
-"""glibc gives threads malloc arenas of their own (up to 8 per core). Each session starts and
-ends a handful of threads, and memory freed in one arena is not reused by the others, so RSS
-crept up: +168 MiB over the second half of a 104-turn soak (four sessions, random barge-ins
-and disconnects); with two arenas +5.5 MiB, and no slower."""
-
-
-def limit_malloc_arenas() -> None:
-    """Before any thread of ours starts; ``MALLOC_ARENA_MAX`` set by the user wins."""
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-    except (OSError, AttributeError):
-        pass  # not glibc (musl has no arenas to limit)
-
-
-M_ARENA_MAX = -8  # glibc's mallopt parameter
-
-
 def main(argv: list[str] | None = None) -> int:
-    limit_malloc_arenas()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
