@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import soundfile
 from s2s.models.audio import resample
 from s2s.models.profiles import LoadedModels, load_models, profile_for
 from s2s.pipeline.messages import Samples
+from tests.processes import Process, free_port
 
 # Tests never reach the model hub: a model that is not on disk must fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,3 +61,15 @@ def speech_with_silence(
     pad = np.zeros(int(silence_s * 16_000), dtype=np.float32)
     true_end = len(pad) + (last_loud + 1) * frame
     return np.concatenate([pad, speech, pad]).astype(np.float32), true_end
+
+
+@pytest.fixture
+def fake_server(request: pytest.FixtureRequest) -> Iterator[tuple[Process, str]]:
+    """A misbehaving server (``tests/fake_servers.py``; the mode is the parameter) in a
+    process of its own, resumed if a test froze it, then killed."""
+    port = free_port()
+    fake = Process([sys.executable, "-m", "tests.fake_servers", request.param, str(port)])
+    fake.wait_for(lambda line: "listening" in line, 30.0)
+    yield fake, f"ws://127.0.0.1:{port}"
+    fake.proc.send_signal(signal.SIGCONT)
+    fake.kill()

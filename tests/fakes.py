@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from s2s.pipeline.messages import Message
+from s2s.pipeline.messages import AudioChunk, Message
 from s2s.pipeline.stage import Stage, StageContext
 
 
@@ -101,3 +101,19 @@ class StepGenerator(Stage[Note, Note]):
             time.sleep(self._step_s)
             self.steps_run += 1
             yield replace(item, text=f"{item.text}:{step}")
+
+
+class Wedged(Stage[AudioChunk, AudioChunk]):
+    """A model call that ignores every cancellation: hangs on the first audio until
+    ``release`` is set (or 30 s pass)."""
+
+    name = "wedged"
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def handle(self, item: AudioChunk, ctx: StageContext) -> Iterator[AudioChunk]:
+        self.entered.set()
+        self.release.wait(30.0)
+        return iter(())

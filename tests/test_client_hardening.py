@@ -9,10 +9,8 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +23,6 @@ from tests.processes import Process, free_port, start_client
 
 VANISHED_BOUND_S = 20.0
 """The promise is about 10 s (ping every 5 s, answered within 5 s); twice that for a hang."""
-
-
-@pytest.fixture
-def fake_server(request: pytest.FixtureRequest) -> Iterator[tuple[Process, str]]:
-    port = free_port()
-    fake = Process([sys.executable, "-m", "tests.fake_servers", request.param, str(port)])
-    fake.wait_for(lambda line: "listening" in line, 30.0)
-    yield fake, f"ws://127.0.0.1:{port}"
-    fake.proc.send_signal(signal.SIGCONT)
-    fake.kill()
 
 
 @pytest.mark.parametrize("fake_server", ["malformed"], indirect=True)

@@ -7,14 +7,13 @@ generous 2 s so that a loaded CI machine never turns a hang-free exit into a fai
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.processes import HANG_BOUND_S, Process, free_port, start_client, start_server
+from tests.processes import HANG_BOUND_S, Process, start_client, start_server
 
 pytestmark = pytest.mark.models
 
@@ -24,16 +23,6 @@ def server_url() -> Iterator[str]:
     server, url = start_server()
     yield url
     server.signal_and_time(signal.SIGTERM)
-
-
-@pytest.fixture
-def fake_server(request: pytest.FixtureRequest) -> Iterator[tuple[Process, str]]:
-    port = free_port()
-    fake = Process([sys.executable, "-m", "tests.fake_servers", request.param, str(port)])
-    fake.wait_for(lambda line: "listening" in line, 30.0)
-    yield fake, f"ws://127.0.0.1:{port}"
-    fake.proc.send_signal(signal.SIGCONT)
-    fake.kill()
 
 
 def assert_interrupted_quickly(client: Process, moment: str) -> None:

@@ -17,30 +17,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from s2s.models.audio import to_pcm16
-from s2s.pipeline.messages import AudioChunk
 from s2s.pipeline.pipeline import Pipeline
-from s2s.pipeline.stage import Stage, StageContext
 from s2s.server.app import S2SServer, ServerConfig
 from s2s.server.protocol import CloseCodes
 from s2s.server.session import SessionLimits
+from tests.fakes import Wedged
 from tests.servers import settle
 
 STALL_AFTER_S = 0.3
-
-
-class Wedged(Stage[AudioChunk, AudioChunk]):
-    """Hangs on the first audio until released, as a model call that never returns."""
-
-    name = "wedged"
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def handle(self, item: AudioChunk, ctx: StageContext) -> Iterator[AudioChunk]:
-        self.entered.set()
-        self.release.wait(30.0)
-        return iter(())
 
 
 class Served:

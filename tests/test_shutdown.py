@@ -17,10 +17,9 @@ import soundfile
 from websockets.sync.client import ClientConnection, connect
 
 from s2s.models.audio import resample, to_pcm16
-from s2s.pipeline.messages import AudioChunk
 from s2s.pipeline.pipeline import Pipeline
-from s2s.pipeline.stage import Stage, StageContext
 from s2s.server.app import S2SServer, ServerConfig
+from tests.fakes import Wedged
 from tests.processes import HANG_BOUND_S, Process, start_server
 
 pytestmark = pytest.mark.models
@@ -97,21 +96,6 @@ def wait_for(connection: ClientConnection, wanted: Callable[[dict[str, Any]], bo
         message = connection.recv(timeout=60)
         if isinstance(message, str) and wanted(json.loads(message)):
             return
-
-
-class Wedged(Stage[AudioChunk, AudioChunk]):
-    """A model call that ignores every cancellation until released."""
-
-    name = "wedged"
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def handle(self, item: AudioChunk, ctx: StageContext) -> Iterator[AudioChunk]:
-        self.entered.set()
-        self.release.wait(30.0)
-        return iter(())
 
 
 def test_shutdown_with_a_stage_stuck_in_a_model_call_keeps_its_deadline(

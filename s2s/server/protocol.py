@@ -64,15 +64,7 @@ class Hello:
     input_sample_rate_hz: int
     output_sample_rate_hz: int
     pipeline: str = "streaming"
-    """``options.pipeline``: one of PIPELINES."""
-
-    @property
-    def baseline(self) -> bool:
-        return self.pipeline == "baseline"
-
-    @property
-    def speculate(self) -> bool:
-        return self.pipeline == "streaming"
+    """``options.pipeline``: one of PIPELINES (the session takes it as ``SessionSetup``)."""
 
 
 @dataclass(frozen=True, slots=True)
