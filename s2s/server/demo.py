@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         return client.returncode
     print(f"[demo] the spoken answer is in {reply_wav}")
     print(
-        "\nOn your own machines:\n"
-        "  s2s-server --device cuda --host 0.0.0.0     # on the GPU host (or --device cpu)\n"
-        "  s2s-client --url ws://GPU-HOST:8765         # on your laptop; Ctrl+C to stop"
+        "\nOn your own machines (pick any secret for T):\n"
+        "  s2s-server --device cuda --host 0.0.0.0 --token T  # the GPU host (or --device cpu)\n"
+        "  s2s-client --url ws://GPU-HOST:8765 --token T      # your laptop; Ctrl+C to stop\n"
+        "  or open http://GPU-HOST:8765/?token=T in a browser (https or localhost: see README)"
     )
     return 0
 
