@@ -132,7 +132,6 @@ class RealtimeWire:
         self._ids = itertools.count(1)
         self._instructions = defaults.system_prompt
         self._vad_overrides: dict[str, float] = {}
-        self._started = False
         self._user_items: dict[int, str] = {}  # turn -> the user's item
         self._assistant_items: dict[str, int] = {}  # item -> turn (for truncation)
         self._last_item: str | None = None
@@ -171,10 +170,9 @@ class RealtimeWire:
     def _client_event(self, kind: str, data: dict[str, Any], started: bool) -> list[Command]:
         if kind == "input_audio_buffer.append":
             pcm = _pcm(data.get("audio"))
-            if self._started or started:
-                return [Audio(pcm)]
-            self._started = True
-            return [Start(self._setup()), Audio(pcm)]
+            # The core carries out each message's commands before the next is read, so after
+            # the first append ``started`` is true.
+            return [Audio(pcm)] if started else [Start(self._setup()), Audio(pcm)]
         if kind == "session.update":
             return self._session_update(data.get("session"), started)
         if kind == "input_audio_buffer.commit":

@@ -19,7 +19,6 @@ from typing import Literal, Protocol
 
 from s2s.pipeline.messages import (
     Event,
-    InputCommandDone,
     ReplyText,
     SpeechStarted,
     SpeechStopped,
@@ -257,9 +256,7 @@ class V1Wire:
             ]
         if isinstance(event, TurnMetrics):
             return [protocol.event("metrics", turn_id=event.turn_id, **metrics)]
-        if isinstance(event, InputCommandDone):
-            return []  # v1 has no input commands
-        return []
+        return []  # speculation bookkeeping, and input commands (v1 has none)
 
     def audio_start(self, turn_id: int) -> list[Frame]:
         return [protocol.event("reply_audio_start", turn_id=turn_id)]
