@@ -25,7 +25,9 @@ class Running:
         max_sessions: int = 2,
         token: str | None = None,
         build: Callable[..., Pipeline] | None = None,
+        **config_changes: Any,
     ) -> None:
+        """``config_changes``: ``ServerConfig`` fields other than the test defaults."""
         self.pipelines: list[Pipeline] = []
         make = build or (lambda **kwargs: build_session_pipeline(models, **kwargs))
 
@@ -35,11 +37,14 @@ class Running:
             return pipeline
 
         config = ServerConfig(
-            port=0,
-            max_sessions=max_sessions,
-            token=token,
-            max_frame_bytes=64 * 1024,
-            limits=SessionLimits(handshake_timeout_s=2.0),
+            **{
+                "port": 0,
+                "max_sessions": max_sessions,
+                "token": token,
+                "max_frame_bytes": 64 * 1024,
+                "limits": SessionLimits(handshake_timeout_s=2.0),
+                **config_changes,
+            }
         )
         self.server = S2SServer(config, build_and_keep, {"device": "cpu"})
         self.server.start()

@@ -22,6 +22,8 @@ from s2s.pipeline.stages import LlmStage
 from s2s.server.protocol import CloseCodes
 from tests.conftest import spoken_wav
 from tests.servers import Running, settle
+from tests.ws import hello, next_event
+from tests.ws import raw as raw_any
 
 pytestmark = pytest.mark.models
 
@@ -38,34 +40,7 @@ def running(cpu_models: LoadedModels) -> Iterator[Running]:
 
 
 def raw(url: str, token: str | None = TOKEN) -> ClientConnection:
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    # legacy=True: websockets' documented way to hold a connection outside a with-block.
-    return connect(url, additional_headers=headers, close_timeout=1, open_timeout=5, legacy=True)
-
-
-def hello(connection: ClientConnection, **fields: Any) -> dict[str, Any]:
-    connection.send(
-        json.dumps(
-            {
-                "type": "hello",
-                "protocol": 1,
-                "input_sample_rate": 16000,
-                "output_sample_rate": 16000,
-                **fields,
-            }
-        )
-    )
-    answer: dict[str, Any] = json.loads(connection.recv(timeout=5))
-    return answer
-
-
-def next_event(connection: ClientConnection, kind: str) -> dict[str, Any]:
-    while True:
-        message = connection.recv(timeout=10)
-        if isinstance(message, str):
-            event: dict[str, Any] = json.loads(message)
-            if event["type"] == kind:
-                return event
+    return raw_any(url, token)
 
 
 def converse(url: str, wav: Path) -> list[dict[str, Any]]:

@@ -183,6 +183,12 @@ class SpeculationSettled(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class NoWords(Message):
+    """The turn's speech held no words (noise that looked like speech): no reply follows,
+    so there is nothing for the user's next speech to interrupt."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class InputCommandDone(Message):
     """An ``InputCommand`` was carried out; ``applied`` is False when there was no speech
     under way to commit or clear."""
@@ -247,6 +253,7 @@ Event: TypeAlias = (
     | SpeechStopped
     | SpeechResumed
     | SpeculationSettled
+    | NoWords
     | InputCommandDone
     | Transcript
     | ReplyText

@@ -19,10 +19,12 @@ import numpy as np
 from s2s.pipeline.chunker import ChunkerOptions, SpeakableChunker
 from s2s.pipeline.echo import EchoGate
 from s2s.pipeline.history import ChatHistory, ChatMessage
+from s2s.pipeline.input_clock import InputClock
 from s2s.pipeline.messages import (
     AudioChunk,
     InputCommand,
     InputCommandDone,
+    NoWords,
     ReplyAudio,
     ReplyText,
     Samples,
@@ -105,9 +107,13 @@ class VadStage(Stage[AudioChunk | InputCommand, SpeechSegment]):
         self._vad = vad
         self._sample_rate_hz = sample_rate_hz
         self._echo_gate = echo_gate
-        self._min_speech_s = min_speech_ms / 1000
-        self._loud_since: float | None = None  # the user louder than the echo since then
-        self._last_loud_at = 0.0
+        self._min_speech_samples = min_speech_ms * sample_rate_hz // 1000
+        self._dip_samples = round(ECHO_DIP_S * sample_rate_hz)
+        # Loudness is tracked in sample positions, not arrival times: a stalled or bursty
+        # uplink must neither break a run of speech nor shorten it.
+        self._loud_since: int | None = None  # the user louder than the echo since this sample
+        self._last_loud_end = 0
+        self._clock = InputClock(sample_rate_hz)
         self._next_turn_id = 0
         self._stream_end = 0  # input samples seen so far
         self._speech_started_at: float | None = None
@@ -124,9 +130,10 @@ class VadStage(Stage[AudioChunk | InputCommand, SpeechSegment]):
             )
         chunk_end = item.first_sample_index + len(item.samples)
         self._stream_end = chunk_end
-        self._track_loudness(item)
-        yield from self._segments(self._vad.push(item.samples), chunk_end, item.received_at, ctx)
-        self._user_spoke_up(item, chunk_end, ctx)
+        self._clock.observe(chunk_end, item.received_at)
+        self._track_loudness(item, chunk_end)
+        yield from self._segments(self._vad.push(item.samples), ctx)
+        self._user_spoke_up(ctx)
 
     def _command(self, item: InputCommand, ctx: StageContext) -> Iterator[SpeechSegment]:
         """The client ends its turn now (``commit``) or drops it (``clear``)."""
@@ -136,7 +143,7 @@ class VadStage(Stage[AudioChunk | InputCommand, SpeechSegment]):
             self._ignoring_echo = False
         else:
             events = self._vad.commit()
-        yield from self._segments(events, self._stream_end, time.monotonic(), ctx)
+        yield from self._segments(events, ctx)
         ctx.emit(
             InputCommandDone(
                 session_id=ctx.session_id,
@@ -147,20 +154,21 @@ class VadStage(Stage[AudioChunk | InputCommand, SpeechSegment]):
             )
         )
 
-    def _segments(
-        self, events: list[VadEvent], chunk_end: int, received_at: float, ctx: StageContext
-    ) -> Iterator[SpeechSegment]:
+    def _time_of(self, sample_index: int) -> float:
+        """When that sample was spoken (before any audio arrived: now)."""
+        return self._clock.time_of(sample_index) if self._stream_end else time.monotonic()
+
+    def _segments(self, events: list[VadEvent], ctx: StageContext) -> Iterator[SpeechSegment]:
         for event in events:
             index = (
                 event.sample_index
                 if isinstance(event, VadStarted | VadResumed)
                 else event.speech_end_sample_index
             )
-            # When that sample reached us: the chunk's arrival, less the audio after it.
-            at = received_at - (chunk_end - index) / self._sample_rate_hz
+            at = self._time_of(index)
             session_id, turn_id = ctx.session_id, self._next_turn_id
             generation = ctx.cancellation.generation
-            if isinstance(event, VadStarted) and self._maybe_echo(at, received_at):
+            if isinstance(event, VadStarted) and self._maybe_echo(index):
                 self._ignoring_echo = True  # the assistant hearing itself, until shown otherwise
                 self.echoes_ignored += 1
                 continue
@@ -209,40 +217,43 @@ class VadStage(Stage[AudioChunk | InputCommand, SpeechSegment]):
                 provisional=provisional,
             )
 
-    def _track_loudness(self, item: AudioChunk) -> None:
-        """Since when the microphone has been louder than the reply's echo could be (quieter
-        moments under ECHO_DIP_S, between syllables, allowed)."""
+    def _track_loudness(self, item: AudioChunk, chunk_end: int) -> None:
+        """Since which sample the microphone has been louder than the reply's echo could be
+        (quieter moments under ECHO_DIP_S, between syllables, allowed)."""
         if self._echo_gate is None:
             return
-        now = item.received_at
-        if self._echo_gate.louder_than_echo(item.samples, now):
+        if self._echo_gate.louder_than_echo(item.samples, self._clock.time_of(chunk_end)):
             if self._loud_since is None:
-                self._loud_since = now - len(item.samples) / self._sample_rate_hz
-            self._last_loud_at = now
-        elif self._loud_since is not None and now - self._last_loud_at > ECHO_DIP_S:
+                self._loud_since = item.first_sample_index
+            self._last_loud_end = chunk_end
+        elif self._loud_since is not None and chunk_end - self._last_loud_end > self._dip_samples:
             self._loud_since = None
 
-    def _louder_long_enough(self, now: float) -> bool:
-        return self._loud_since is not None and now - self._loud_since >= self._min_speech_s
+    def _louder_long_enough(self) -> bool:
+        return (
+            self._loud_since is not None
+            and self._last_loud_end - self._loud_since >= self._min_speech_samples
+        )
 
-    def _maybe_echo(self, onset_at: float, now: float) -> bool:
+    def _maybe_echo(self, onset: int) -> bool:
         """Speech while the reply plays is taken for its echo unless the microphone has
         already been louder than that echo for the minimum onset (a cough is too short)."""
-        if self._echo_gate is None or not self._echo_gate.reply_playing(onset_at, now):
+        if self._echo_gate is None:
             return False
-        return not self._louder_long_enough(now)
+        if not self._echo_gate.reply_playing(self._time_of(onset), self._time_of(self._stream_end)):
+            return False
+        return not self._louder_long_enough()
 
-    def _user_spoke_up(self, item: AudioChunk, chunk_end: int, ctx: StageContext) -> None:
+    def _user_spoke_up(self, ctx: StageContext) -> None:
         """While echo is being ignored, the user may start talking over it: once the microphone
         has been louder than the echo for min_speech_ms, that is the user's onset."""
-        now = item.received_at
-        if not (self._ignoring_echo and self._vad.in_speech and self._louder_long_enough(now)):
+        if not (self._ignoring_echo and self._vad.in_speech and self._louder_long_enough()):
             return
         assert self._loud_since is not None
-        onset_at, self._loud_since = self._loud_since, None
-        onset = chunk_end - round((now - onset_at) * self._sample_rate_hz)
+        onset, self._loud_since = self._loud_since, None
         self._vad.restart(onset)  # the segment starts with the user, not with the echo
         self._ignoring_echo = False
+        onset_at = self._time_of(onset)
         self._speech_started_at = onset_at
         ctx.emit(
             SpeechStarted(
@@ -327,7 +338,11 @@ class SttStage(Stage[SpeechSegment, Transcript]):
             if hit:
                 return  # the reply is already on its way
         if not text:
-            return  # noise that looked like speech: no turn
+            # Noise that looked like speech: no reply, and the session stops waiting for one.
+            ctx.emit(
+                NoWords(session_id=item.session_id, turn_id=item.turn_id, generation=generation)
+            )
+            return
         yield self._transcript(item, text, generation, speculative=False)
 
     @staticmethod

@@ -23,6 +23,7 @@ from typing import Any
 from s2s.pipeline.messages import (
     Event,
     InputCommandDone,
+    NoWords,
     ReplyText,
     SpeechStarted,
     SpeechStopped,
@@ -336,6 +337,8 @@ class RealtimeWire:
             ]
         if isinstance(event, Transcript):
             return self._transcribed(event)
+        if isinstance(event, NoWords):
+            return self._user_item_done(event.turn_id, "")  # no response follows
         if isinstance(event, ReplyText):
             return self._reply_text(event)
         if isinstance(event, TurnInterrupted):
@@ -360,18 +363,21 @@ class RealtimeWire:
                 )
         return []
 
-    def _transcribed(self, event: Transcript) -> list[Frame]:
-        item_id = self._user_items.pop(event.turn_id, None) or self._new_id("item")
-        frames: list[Frame] = [
+    def _user_item_done(self, turn_id: int, text: str) -> list[Frame]:
+        item_id = self._user_items.pop(turn_id, None) or self._new_id("item")
+        return [
             self._event(
                 "conversation.item.input_audio_transcription.completed",
                 item_id=item_id,
                 content_index=0,
-                transcript=event.text,
+                transcript=text,
                 usage={"type": "duration", "seconds": 0},
             ),
-            self._event("conversation.item.done", item=_user_item(item_id, event.text)),
+            self._event("conversation.item.done", item=_user_item(item_id, text)),
         ]
+
+    def _transcribed(self, event: Transcript) -> list[Frame]:
+        frames = self._user_item_done(event.turn_id, event.text)
         response = _Response(self._new_id("resp"), self._new_id("item"), event.turn_id)
         self._response = response
         self._assistant_items[response.item_id] = event.turn_id

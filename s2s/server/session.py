@@ -28,11 +28,13 @@ from s2s.pipeline.messages import (
     Event,
     InputCommand,
     Message,
+    NoWords,
     ReplyAudio,
     ReplyText,
     SpeculationSettled,
     SpeechResumed,
     SpeechStarted,
+    SpeechStopped,
     StageError,
     Transcript,
     TurnInterrupted,
@@ -644,10 +646,16 @@ class Session:
             # Barge-in: the VAD already required min_speech_ms of speech and turned away the
             # assistant's own echo, so this is the user speaking over the reply.
             self._interrupt("barge-in")
-        elif isinstance(event, Transcript):
+        elif isinstance(event, SpeechStopped | Transcript):
+            # The turn is over and its reply is on the way: from here on the user's speech
+            # interrupts it, while it is still being transcribed or queued for the LLM too.
             with self._reply_lock:
                 self._active_turn = event.turn_id
                 self._playing_until = None
+        elif isinstance(event, NoWords):
+            with self._reply_lock:
+                if self._active_turn == event.turn_id:
+                    self._active_turn = None  # no reply is coming
         metrics = self._metrics_fields(event) if isinstance(event, TurnMetrics) else {}
         with self._send_lock:
             if of_a_reply and cancellation.is_stale(event.generation):
