@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
@@ -23,6 +24,8 @@ class FakeChatServer(BaseHTTPRequestHandler):
     """Streams REPLY_DELTAS as chat.completion.chunk events; the model name picks a failure."""
 
     requests: ClassVar[list[dict[str, object]]] = []
+    stalled = threading.Event()
+    """Model 'stall': after two deltas the server waits (up to 20 s) until this is set."""
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -36,7 +39,9 @@ class FakeChatServer(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
-        for delta in REPLY_DELTAS:
+        for k, delta in enumerate(REPLY_DELTAS):
+            if k == 2 and body["model"] == "stall":
+                FakeChatServer.stalled.wait(20.0)
             chunk = {
                 "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": {"content": delta}}],
@@ -86,6 +91,35 @@ def test_stops_reading_when_cancelled(base_url: str) -> None:
     got: list[str] = []
     for delta in chat(base_url).stream([{"role": "user", "content": "Hi"}], lambda: len(got) >= 2):
         got.append(delta)
+    assert got == REPLY_DELTAS[:2]
+
+
+def test_a_cancel_ends_a_read_blocked_on_a_stalled_server(base_url: str) -> None:
+    """The server stops sending mid-reply (its read timeout is 30 s): cancelling the turn
+    shuts the stream down from the cancelling side, and the stream ends at once, quietly."""
+    FakeChatServer.stalled.clear()
+    stop = threading.Event()
+    got: list[str] = []
+    ended = threading.Event()
+
+    def consume() -> None:
+        for delta in chat(base_url, model="stall").stream([], stop.is_set):
+            got.append(delta)
+        ended.set()
+
+    consumer = threading.Thread(target=consume, name="consumer")
+    consumer.start()
+    try:
+        deadline = time.monotonic() + 5.0
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got == REPLY_DELTAS[:2]
+        assert not ended.wait(0.3)  # blocked on the stalled server
+        stop.set()
+        assert ended.wait(5.0), "the stream waited for its read timeout"
+    finally:
+        FakeChatServer.stalled.set()
+        consumer.join(5.0)
     assert got == REPLY_DELTAS[:2]
 
 

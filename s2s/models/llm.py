@@ -12,14 +12,17 @@ cancellation check sits exactly between two forward passes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,28 +413,83 @@ class OpenAICompatibleChat:
         if self.options.api_key:
             headers["Authorization"] = f"Bearer {self.options.api_key}"
         url = self.options.base_url.rstrip("/") + "/chat/completions"
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        connection = _connect(url, self.options.timeout_s)
         try:
-            response = urllib.request.urlopen(request, timeout=self.options.timeout_s)
-        except urllib.error.HTTPError as exc:
-            raise LlmHttpError(
-                f"LLM server at {url} answered HTTP {exc.code}: {_error_text(exc)}"
-            ) from exc
-        except (urllib.error.URLError, OSError) as exc:
+            connection.request("POST", urllib.parse.urlsplit(url).path, body, headers)
+            # The socket is taken now: for a response that ends with the connection,
+            # http.client hands the socket to the response and forgets it.
+            sock = connection.sock
+            response = connection.getresponse()
+        except OSError as exc:
+            connection.close()
             raise LlmHttpError(f"cannot reach the LLM server at {url}: {exc}") from exc
-        with response:
-            for raw in response:
-                if should_stop():
-                    return
-                line = raw.decode("utf-8").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
-                    return
-                delta = _delta_content(data, url)
-                if delta:
-                    yield delta
+        with contextlib.closing(connection), response:
+            if response.status >= 400:
+                raise LlmHttpError(
+                    f"LLM server at {url} answered HTTP {response.status}: {_error_text(response)}"
+                )
+            with _shut_down_when(should_stop, sock):
+                yield from _deltas(response, should_stop, url)
+
+
+def _connect(url: str, timeout_s: float) -> http.client.HTTPConnection:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise LlmHttpError(f"the LLM server URL {url!r} is not an http(s) URL")
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    return kind(parts.hostname, parts.port, timeout=timeout_s)
+
+
+def _deltas(
+    response: http.client.HTTPResponse, should_stop: Callable[[], bool], url: str
+) -> Iterator[str]:
+    try:
+        for raw in response:
+            if should_stop():
+                return
+            line = raw.decode("utf-8").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:") :].strip()
+            if data == "[DONE]":
+                return
+            delta = _delta_content(data, url)
+            if delta:
+                yield delta
+    except (OSError, http.client.HTTPException) as exc:
+        if should_stop():
+            return  # the read was cut short on purpose: the turn was cancelled
+        raise LlmHttpError(f"the LLM server at {url} broke off the reply: {exc}") from exc
+
+
+CANCEL_POLL_S = 0.05
+"""How often a remote stream's cancellation is checked while a read may be blocked."""
+
+
+@contextlib.contextmanager
+def _shut_down_when(should_stop: Callable[[], bool], sock: socket.socket | None) -> Iterator[None]:
+    """While the body is read, a watcher checks ``should_stop`` and, once the turn is
+    cancelled, shuts the socket down from its side: a read blocked on a slow server returns
+    at once instead of after the read timeout."""
+    if sock is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(CANCEL_POLL_S):
+            if should_stop():
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                return
+
+    watcher = threading.Thread(target=watch, name="llm-stream-cancel", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join(1.0)
 
 
 def _delta_content(data: str, url: str) -> str:
@@ -446,10 +504,10 @@ def _delta_content(data: str, url: str) -> str:
     return content if isinstance(content, str) else ""
 
 
-def _error_text(exc: urllib.error.HTTPError) -> str:
+def _error_text(response: http.client.HTTPResponse) -> str:
     try:
-        payload = json.loads(exc.read().decode("utf-8", "replace"))
+        payload = json.loads(response.read().decode("utf-8", "replace"))
         error = payload.get("error", payload)
         return str(error.get("message", error) if isinstance(error, dict) else error)
     except Exception:
-        return exc.reason if isinstance(exc.reason, str) else "no detail"
+        return response.reason or "no detail"
