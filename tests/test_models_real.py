@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ import pytest
 
 from s2s.models.llm import ChatBackend, TransformersChat
 from s2s.models.profiles import LoadedModels
+from s2s.models.tts import PiperSynthesizer
 from s2s.models.vad import StreamingVad
 from s2s.pipeline.messages import AudioChunk, Event, Message, ReplyAudio, StageError, TurnMetrics
 from s2s.pipeline.pipeline import Pipeline
@@ -155,3 +157,38 @@ def test_a_spoken_question_is_answered_in_speech_end_to_end(cpu_models: LoadedMo
     [metrics] = [e for e in events if isinstance(e, TurnMetrics)]
     print(f"metrics: {metrics}")
     assert metrics.stt_ms is not None and metrics.tts_first_audio_ms is not None
+
+
+LONG_SENTENCE = (
+    "This one sentence goes on and on without a single full stop, through the hills and the "
+    "valleys, past the rivers and the towns, over the bridges and under the trees, because "
+    "its whole point is to keep the voice busy for a good long while before it can end"
+)
+
+
+def test_piper_stops_within_a_sentence_on_cancel(cpu_models: LoadedModels) -> None:
+    """A cancel during one long sentence's inference ends it there (the run is terminated):
+    no audio of that sentence comes out. Piper used to finish the sentence first."""
+    voice = cpu_models.tts
+    assert isinstance(voice, PiperSynthesizer)
+    stop, watching = threading.Event(), threading.Event()
+
+    def should_stop() -> bool:
+        if threading.current_thread().name == "tts-cancel":
+            watching.set()  # the sentence's step has begun
+        return stop.is_set()
+
+    before = voice.terminated_runs
+    chunks: list[np.ndarray] = []
+    consumer = threading.Thread(
+        target=lambda: chunks.extend(voice.stream(LONG_SENTENCE, should_stop))
+    )
+    consumer.start()
+    assert watching.wait(10.0)
+    stop.set()
+    consumer.join(10.0)
+    assert not consumer.is_alive()
+    assert chunks == []
+    assert voice.terminated_runs == before + 1
+    # The voice is unharmed: the next sentence is spoken whole.
+    assert sum(len(c) for c in voice.stream("Still here.", lambda: False)) > 0

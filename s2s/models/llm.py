@@ -20,7 +20,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from s2s.models.errors import ModelUnavailable, packaged_path, require, resolve_hub_model
+from s2s.models.stop_watch import act_when_stopped
 from s2s.pipeline.history import ChatMessage
 from s2s.pipeline.turns import TakeTurns
 
@@ -428,7 +428,12 @@ class OpenAICompatibleChat:
                 raise LlmHttpError(
                     f"LLM server at {url} answered HTTP {response.status}: {_error_text(response)}"
                 )
-            with _shut_down_when(should_stop, sock):
+            if sock is None:
+                yield from _deltas(response, should_stop, url)
+                return
+            # A read blocked on a slow server returns at once when the turn is cancelled:
+            # the socket is shut down from the cancelling side, not left to the read timeout.
+            with act_when_stopped(should_stop, _shut_down(sock), "llm-stream-cancel"):
                 yield from _deltas(response, should_stop, url)
 
 
@@ -462,34 +467,12 @@ def _deltas(
         raise LlmHttpError(f"the LLM server at {url} broke off the reply: {exc}") from exc
 
 
-CANCEL_POLL_S = 0.05
-"""How often a remote stream's cancellation is checked while a read may be blocked."""
+def _shut_down(sock: socket.socket) -> Callable[[], None]:
+    def shut_down() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
-
-@contextlib.contextmanager
-def _shut_down_when(should_stop: Callable[[], bool], sock: socket.socket | None) -> Iterator[None]:
-    """While the body is read, a watcher checks ``should_stop`` and, once the turn is
-    cancelled, shuts the socket down from its side: a read blocked on a slow server returns
-    at once instead of after the read timeout."""
-    if sock is None:
-        yield
-        return
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(CANCEL_POLL_S):
-            if should_stop():
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                return
-
-    watcher = threading.Thread(target=watch, name="llm-stream-cancel", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        done.set()
-        watcher.join(1.0)
+    return shut_down
 
 
 def _delta_content(data: str, url: str) -> str:

@@ -1,11 +1,12 @@
 """Text to speech that streams audio chunks: Piper (CPU default) and Parler-TTS (CUDA default).
 
-Each ``stream`` call polls ``should_stop`` between chunks (Piper: per sentence) or per decoder
-step (Parler: a stopping criterion), so a cancelled reply stops within one step.
+Each ``stream`` call stops soon after ``should_stop`` turns True: Piper within its sentence's
+inference (terminated from a watcher), Parler within one decoder step (a stopping criterion).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from s2s.models.errors import ModelUnavailable, packaged_path, require, resolve_hub_model
+from s2s.models.stop_watch import act_when_stopped
 from s2s.pipeline.messages import Samples
 from s2s.pipeline.turns import TakeTurns
 
@@ -60,18 +62,25 @@ def load_synthesizer(options: TtsOptions) -> Synthesizer:
 class PiperSynthesizer:
     """Piper voice. Sessions may call ``stream`` at once: each takes the voice for one
     sentence's phonemes and inference at a time, in arrival order (espeak-ng's phonemizer is
-    not thread-safe; onnxruntime is)."""
+    not thread-safe; onnxruntime is). A cancelled reply ends its sentence's inference at once
+    (onnxruntime's terminate flag, set from a watcher), not at the sentence's end."""
 
-    def __init__(self, voice: Any, load_s: float) -> None:
+    def __init__(self, voice: Any, load_s: float, run_options: Callable[[], Any]) -> None:
         self._voice = voice
+        self._session = _StoppableSession(voice.session)
+        voice.session = self._session
+        self._run_options = run_options
         self.sample_rate_hz: int = int(voice.config.sample_rate)
         self.load_s = load_s
         self.turns = TakeTurns("tts")
+        self.terminated_runs = 0
+        """Inferences cut short by a cancel (for tests and metrics)."""
 
     @classmethod
     def load(cls, options: TtsOptions) -> PiperSynthesizer:
         began = time.monotonic()
         piper = require("piper", "piper-tts", "Piper TTS")
+        onnxruntime = require("onnxruntime", "onnxruntime", "Piper TTS")
         if options.model == CPU_DEFAULT_TTS:
             model_path = _packaged_piper_voice()
         else:
@@ -79,7 +88,7 @@ class PiperSynthesizer:
             if not model_path.is_file():
                 raise ModelUnavailable(f"Piper voice file {str(model_path)!r} does not exist")
         voice = piper.PiperVoice.load(str(model_path), use_cuda=options.device == "cuda")
-        synthesizer = cls(voice, 0.0)
+        synthesizer = cls(voice, 0.0, onnxruntime.RunOptions)
         for _ in synthesizer.stream("Ready.", lambda: False):
             pass  # warm-up
         synthesizer.load_s = time.monotonic() - began
@@ -89,10 +98,42 @@ class PiperSynthesizer:
         sentences = self._voice.synthesize(text)
         while not should_stop():
             with self.turns.step():  # one sentence, then another session's turn
-                chunk = next(sentences, None)
+                run_options = self._run_options()
+                self._session.run_options = run_options
+                try:
+                    with act_when_stopped(
+                        should_stop, functools.partial(_terminate, run_options), "tts-cancel"
+                    ):
+                        chunk = next(sentences, None)
+                except Exception:
+                    if run_options.terminate:
+                        self.terminated_runs += 1
+                        return  # cancelled mid-sentence
+                    raise
+                finally:
+                    self._session.run_options = None
             if chunk is None:
                 return
             yield np.asarray(chunk.audio_float_array, dtype=np.float32)
+
+
+def _terminate(run_options: Any) -> None:
+    run_options.terminate = True  # onnxruntime checks it between nodes
+
+
+class _StoppableSession:
+    """Piper's ONNX session, with the current step's ``RunOptions`` passed to every run
+    (Piper's own call passes none), so a run in progress can be terminated."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self.run_options: Any = None
+
+    def run(self, output_names: Any, inputs: Any, run_options: Any = None) -> Any:
+        return self._session.run(output_names, inputs, run_options or self.run_options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
 
 
 def _packaged_piper_voice() -> Path:
