@@ -6,6 +6,7 @@ models. Each test sends the cause and asserts the exact code."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from s2s.models.audio import resample, to_pcm16
@@ -466,3 +467,25 @@ def _index_of(messages: list[str | bytes], kind: str, turn_id: int) -> int:
 def _after(listener: Listener, kind: str, turn_id: int) -> list[str | bytes]:
     messages = [m for _, m in listener.frames]
     return messages[_index_of(messages, kind, turn_id) + 1 :]
+
+
+def test_connections_that_never_finish_opening_are_capped(transcriber: GatedTranscriber) -> None:
+    """Silent TCP connections beyond --max-opening get 503 at once (no thread each); when
+    the silent ones time out, a normal session opens."""
+    running = Running(fake_models(transcriber), max_opening=4)
+    host, port = "127.0.0.1", int(running.url.rsplit(":", 1)[1])
+    silent = [socket.create_connection((host, port), timeout=5) for _ in range(4)]
+    try:
+        assert settle(lambda: len(running.server._ws.handler_threads) == 4)  # type: ignore[union-attr]
+        with pytest.raises(InvalidStatus) as refused:
+            raw(running.url)
+        assert refused.value.response.status_code == 503
+        assert b"too many connections opening" in refused.value.response.body
+        assert len(running.server._ws.handler_threads) == 4  # type: ignore[union-attr]
+        for sock in silent:  # the handshake timeout (2 s here) drops each silent one
+            assert sock.recv(1024) == b""
+        assert is_alive(session(running))
+    finally:
+        for sock in silent:
+            sock.close()
+        running.stop()

@@ -10,6 +10,7 @@ import hmac
 import http
 import itertools
 import logging
+import socket
 import threading
 import time
 import urllib.parse
@@ -45,6 +46,10 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     token: str | None = None
     max_sessions: int = 4
+    max_opening: int = 32
+    """Connections still in their opening handshake (TCP accepted, no WebSocket yet) at
+    once; more are answered 503 at once. Each holds a thread for up to the handshake
+    timeout, so a flood of silent connections cannot take the process's threads."""
     max_frame_bytes: int = MAX_FRAME_BYTES
     limits: SessionLimits = field(default_factory=SessionLimits)
     echo: EchoOptions | None = field(default_factory=EchoOptions)
@@ -85,6 +90,9 @@ class S2SServer:
         self._accepting = True
         self._ids = itertools.count(1)
         self._ws: Server | None = None
+        self._opening = threading.BoundedSemaphore(config.max_opening)
+        self._in_handshake = threading.local()  # this handler thread holds an opening slot
+        self._open_connection: Callable[..., None] | None = None
         self._outcomes_lock = threading.Lock()  # guards speculation_outcomes
         self.speculation_outcomes: collections.Counter[str] = collections.Counter()
         """Replies speculated at a pause, server-wide: hit, missed (the user went on) or
@@ -118,6 +126,8 @@ class S2SServer:
             open_timeout=self.config.limits.handshake_timeout_s,
             compression=None,  # PCM does not compress; deflate would only cost CPU
         )
+        self._open_connection = self._ws.handler  # websockets' per-connection handshake + handler
+        self._ws.handler = self._admit
 
     def serve_forever(self) -> None:
         assert self._ws is not None, "start() first"
@@ -203,6 +213,29 @@ class S2SServer:
 
     # --- per connection -------------------------------------------------------------------
 
+    def _admit(self, sock: socket.socket, address: object) -> None:
+        """Runs on the connection's own thread, before anything is read from it."""
+        assert self._ws is not None and self._open_connection is not None
+        if not self._opening.acquire(blocking=False):
+            log.warning("refused a connection: %d still opening", self.config.max_opening)
+            self.metrics.session_refused("opening")
+            _refuse_busy(sock)
+            with self._ws.lock:  # websockets' own handler would have done this
+                self._ws.handler_threads.discard(threading.current_thread())
+            return
+        self._in_handshake.held = True
+        try:
+            self._open_connection(sock, address)
+        finally:
+            self._handshake_over()
+
+    def _handshake_over(self) -> None:
+        """The opening handshake ended (the WebSocket is open, or the request was answered
+        or failed): its slot is free."""
+        if getattr(self._in_handshake, "held", False):
+            self._in_handshake.held = False
+            self._opening.release()
+
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Plain HTTP on the WebSocket port; None lets a WebSocket handshake go on."""
         path = urllib.parse.urlsplit(request.path).path
@@ -261,6 +294,7 @@ class S2SServer:
         return RealtimeWire(session_id, defaults, model)
 
     def _handle(self, connection: ServerConnection) -> None:
+        self._handshake_over()
         session_id = f"s{next(self._ids)}"
         wire = self._wire_for(connection, session_id)
         with self._sessions_lock:
@@ -304,6 +338,24 @@ class S2SServer:
         """The connection is over: its slot is free, while its teardown may still run."""
         with self._sessions_lock:
             self._sessions.pop(session_id, None)
+
+
+BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 29\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n\r\ntoo many connections opening\n"
+)
+
+
+def _refuse_busy(sock: socket.socket) -> None:
+    """Answer 503 without reading the request (the socket's buffer takes these few bytes at
+    once; the timeout only guards against the impossible), then close."""
+    try:
+        sock.settimeout(0.5)
+        sock.sendall(BUSY_RESPONSE)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 def _with_body(connection: ServerConnection, body: bytes, content_type: str) -> Response:

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a non-loopback address without any token (only behind your own auth)",
     )
     option("max-sessions", "refuse connections beyond this many (default 4)", "4")
+    option(
+        "max-opening",
+        "connections still in their opening handshake at once; more get HTTP 503 (default 32)",
+        "32",
+    )
     option("idle-timeout-s", "close a connection silent this long (default 300)", "300")
     option("max-session-s", "close a session this long after it opened (default: no limit)")
     option(
@@ -201,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         port=int(args.port),
         token=token_for(args),
         max_sessions=int(args.max_sessions),
+        max_opening=int(args.max_opening),
         echo=EchoOptions(ratio=float(args.echo_ratio)) if float(args.echo_ratio) > 0 else None,
         limits=SessionLimits(
             idle_timeout_s=float(args.idle_timeout_s),
