@@ -26,10 +26,12 @@ def silent_tcp(port: int) -> None:
     held = []
     while True:
         connection, _ = listener.accept()
+        print("accepted", flush=True)  # the test's cue: the client is in its handshake
         held.append(connection)  # keep it open, say nothing
 
 
 def silent_ws(connection: ServerConnection) -> None:
+    print("connected", flush=True)  # the test's cue: the client waits for an answer
     NEVER.wait()
 
 

@@ -88,11 +88,16 @@ class StepGenerator(Stage[Note, Note]):
         self._steps = steps
         self._step_s = step_s
         self.steps_run = 0
+        self.step_done_at: list[float] = []
+        """When each step finished (monotonic seconds)."""
+        self.inputs: list[str] = []
+        """The text of every item the handler took, in order."""
         self.started = threading.Event()
         self.stopped_at: float | None = None
 
     def handle(self, item: Note, ctx: StageContext) -> Iterator[Note]:
         should_stop = ctx.cancellation.stop_check(item.generation)
+        self.inputs.append(item.text)
         self.started.set()
         for step in range(self._steps):
             if should_stop():
@@ -100,6 +105,7 @@ class StepGenerator(Stage[Note, Note]):
                 return
             time.sleep(self._step_s)
             self.steps_run += 1
+            self.step_done_at.append(time.monotonic())
             yield replace(item, text=f"{item.text}:{step}")
 
 

@@ -39,6 +39,8 @@ ONE_STEP_S = 0.25
 class Call:
     messages: list[ChatMessage]
     deltas: list[tuple[float, str]] = field(default_factory=list)
+    cancelled: bool | None = None
+    """Whether the call ended because its turn was cancelled (None: still running)."""
 
     @property
     def text(self) -> str:
@@ -60,9 +62,12 @@ class RecordingChat:
     ) -> Iterator[str]:
         call = Call(list(messages))
         self.calls.append(call)
-        for delta in self._inner.stream(messages, should_stop):
-            call.deltas.append((time.monotonic(), delta))
-            yield delta
+        try:
+            for delta in self._inner.stream(messages, should_stop):
+                call.deltas.append((time.monotonic(), delta))
+                yield delta
+        finally:
+            call.cancelled = should_stop()
 
 
 @pytest.fixture
@@ -142,6 +147,9 @@ def test_speaking_over_the_reply_interrupts_it(
     )
 
     first, second = chat.calls[0], chat.calls[1]
+    # The old reply was still being generated when it was interrupted (else "no late
+    # tokens" below would hold trivially), and the cancel is what ended it.
+    assert first.cancelled, "the LLM had finished before the barge-in: nothing was tested"
     late = [at for at, _ in first.deltas if at > interrupted.at + ONE_STEP_S]
     assert not late, f"{len(late)} tokens of the old reply after the interruption"
 

@@ -17,6 +17,9 @@ from tests.processes import HANG_BOUND_S, Process, start_client, start_server
 
 pytestmark = pytest.mark.models
 
+STARTED_BOUND_S = 30.0
+"""For the client to start (imports) and reach the fake server: a hang bound only."""
+
 
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
@@ -38,9 +41,9 @@ def test_ctrl_c_before_the_connection_is_up(
     fake_server: tuple[Process, str], question_wav: Path
 ) -> None:
     """Server accepts TCP but never answers the WebSocket handshake."""
-    _, url = fake_server
+    fake, url = fake_server
     client = start_client(url, "--file", str(question_wav))
-    time.sleep(1.0)
+    fake.wait_for(lambda line: "accepted" in line, STARTED_BOUND_S)
     assert client.proc.poll() is None
     assert_interrupted_quickly(client, "during the handshake")
 
@@ -50,9 +53,9 @@ def test_ctrl_c_when_the_server_accepts_and_never_sends(
     fake_server: tuple[Process, str], question_wav: Path
 ) -> None:
     """The peer's bug: a connected server that never sends anything must not hold the client."""
-    _, url = fake_server
+    fake, url = fake_server
     client = start_client(url, "--file", str(question_wav))
-    time.sleep(1.0)
+    fake.wait_for(lambda line: "connected" in line, STARTED_BOUND_S)
     assert client.proc.poll() is None
     assert_interrupted_quickly(client, "with a silent server")
 

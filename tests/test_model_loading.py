@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import time
 
 import pytest
@@ -14,6 +16,16 @@ from s2s.models.stt import SttOptions, WhisperTranscriber
 from s2s.models.tts import TtsOptions, load_synthesizer
 
 HANG_BOUND_S = 10.0
+"""Failing fast: the lookup alone, timed after the libraries are imported (a first import of
+transformers can take seconds on a loaded machine, and is not what is promised)."""
+LIBRARIES = ("faster_whisper", "transformers", "ctranslate2", "parler_tts", "huggingface_hub")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def libraries_imported() -> None:
+    for name in LIBRARIES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
 
 
 @pytest.mark.parametrize(

@@ -153,6 +153,9 @@ def test_max_speech_forces_a_cut() -> None:
     ended = [e for e in events if isinstance(e, VadEnded)]
     assert ended and ended[0].forced
     assert ended[0].speech_end_sample_index == 20 * WINDOW
+    after_cut = events[events.index(ended[0]) + 1 :]
+    onsets = [e for e in after_cut if isinstance(e, VadStarted)]
+    assert onsets and onsets[0].sample_index == 20 * WINDOW  # speech goes on: it restarts at once
 
 
 def test_history_keeps_the_last_turns_within_budget() -> None:

@@ -5,18 +5,29 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import soundfile
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from s2s.models.audio import resample
 from s2s.models.profiles import LoadedModels
-from tests.processes import BIN, HANG_BOUND_S, Process, free_port, start_client, start_server
+from tests.processes import (
+    BIN,
+    HANG_BOUND_S,
+    SERVER_EXIT_BOUND_S,
+    STARTUP_BOUND_S,
+    Process,
+    free_port,
+    start_client,
+    start_server,
+)
+from tests.ws import mute_session
 
 pytestmark = pytest.mark.models
 
@@ -82,7 +93,7 @@ def test_sigterm_mid_reply_stops_the_server_within_2s_and_tells_the_client(
     status, took = server.signal_and_time(signal.SIGTERM)
     print(f"server exit {status} after {took * 1000:.0f} ms")
     assert status == 0, server.stderr()
-    assert took < 2.0
+    assert took < SERVER_EXIT_BOUND_S
     assert client.proc.wait(timeout=HANG_BOUND_S) == 0
     assert any(e["type"] == "bye" for e in client.events())
     stderr = client.stderr()
@@ -134,7 +145,7 @@ def test_while_the_models_load_readyz_says_so_and_sigterm_exits_at_once() -> Non
         alive = response.status
     exit_status, took = server.signal_and_time(signal.SIGTERM)
     assert (status, alive) == (503, 200)
-    assert exit_status == 128 + signal.SIGTERM and took < HANG_BOUND_S, server.stderr()
+    assert exit_status == 128 + signal.SIGTERM and took < SERVER_EXIT_BOUND_S, server.stderr()
     assert "Traceback" not in server.stderr()
 
 
@@ -166,3 +177,64 @@ def test_serving_beyond_loopback_without_a_token_makes_one_and_prints_it() -> No
             assert json.loads(accepted.recv(timeout=5))["type"] == "ready"
     finally:
         open_server.signal_and_time(signal.SIGTERM)
+
+
+def test_environment_variables_configure_the_server_and_sigint_stops_it() -> None:
+    """Every option has an S2S_ variable: port, token and session limit set only that way are
+    in force; SIGINT (Ctrl+C) while serving then stops it cleanly (status 0) in time."""
+    port = free_port()
+    server = Process(
+        [str(BIN / "s2s-server")],
+        env={
+            "S2S_DEVICE": "cpu",
+            "S2S_PORT": str(port),
+            "S2S_TOKEN": "from-the-environment",
+            "S2S_MAX_SESSIONS": "1",
+        },
+    )
+    try:
+        server.wait_for(lambda line: "listening on" in line, STARTUP_BOUND_S)
+        url = f"ws://127.0.0.1:{port}"
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, open_timeout=5).close()
+        assert refused.value.response.status_code == 401
+        headers = {"Authorization": "Bearer from-the-environment"}
+        with connect(url, additional_headers=headers, open_timeout=5) as first:
+            first.send(json.dumps({"type": "hello", "protocol": 1}))
+            assert json.loads(first.recv(timeout=5))["type"] == "ready"
+            with (
+                connect(url, additional_headers=headers, open_timeout=5) as second,
+                pytest.raises(ConnectionClosed) as closed,
+            ):
+                second.recv(timeout=5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+        assert "1 sessions at most" in closed.value.rcvd.reason
+    except BaseException:
+        server.kill()
+        raise
+    status, took = server.signal_and_time(signal.SIGINT)
+    print(f"SIGINT while serving: exit {status} after {took * 1000:.0f} ms")
+    assert status == 0 and took < SERVER_EXIT_BOUND_S, server.stderr()
+    assert "stopped cleanly" in server.stderr()
+
+
+def test_a_second_signal_exits_at_once() -> None:
+    """While the first SIGTERM's shutdown waits on a client that never answers the close, a
+    second signal ends the process there and then, with status 128 + its number."""
+    server, url = start_server()
+    try:
+        silent = mute_session(url)
+    except BaseException:
+        server.kill()
+        raise
+    try:
+        began = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_for_stderr(lambda line: "shutting down" in line, SERVER_EXIT_BOUND_S)
+        status, _ = server.signal_and_time(signal.SIGINT)
+        took = time.monotonic() - began
+    finally:
+        silent.close()
+    print(f"second signal: exit {status} after {took * 1000:.0f} ms")
+    assert status == 128 + signal.SIGINT, server.stderr()
+    assert took < SERVER_EXIT_BOUND_S

@@ -33,7 +33,7 @@ from websockets.sync.client import ClientConnection, connect
 from s2s.models.audio import resample, to_pcm16
 from s2s.models.profiles import LoadedModels, load_models, profile_for
 from tests.conftest import spoken_wav
-from tests.processes import HANG_BOUND_S, start_server
+from tests.processes import SERVER_EXIT_BOUND_S, start_server
 
 pytestmark = pytest.mark.models
 
@@ -320,7 +320,7 @@ def test_soak_leaves_nothing_behind(cpu_models: LoadedModels, tmp_path: Path) ->
     assert figures.sessions_after == 0
     assert figures.threads_after <= figures.threads_before
     assert figures.rss_growth_mib < 50
-    assert figures.exit_status == 0 and figures.exit_s < HANG_BOUND_S
+    assert figures.exit_status == 0 and figures.exit_s < SERVER_EXIT_BOUND_S
 
 
 if __name__ == "__main__":

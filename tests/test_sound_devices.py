@@ -40,11 +40,10 @@ def test_a_spoken_question_through_microphone_and_speaker(
     recorder = record_speaker(pulse_env, heard_path)
     client = start_client(server_url, env=pulse_env)
     try:
-        client.wait_for_event("ready", 30.0)
-        time.sleep(0.5)
+        client.wait_for_event("ready", 30.0)  # the microphone is live
         speak_into_microphone(pulse_env, question_wav)
         turn = client.wait_for_event("turn", 60.0)
-        time.sleep(3.0)  # the reply was received faster than real time: let it finish playing
+        client.wait_for_event("reply_played", 60.0)  # the speaker has played all of it
         status, took = client.signal_and_time(signal.SIGINT)
     finally:
         recorder.terminate()

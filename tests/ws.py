@@ -3,7 +3,11 @@ close a server sent."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import socket
+import urllib.parse
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
@@ -53,3 +57,42 @@ def close_received(connection: ClientConnection) -> Close:
     except ConnectionClosed as closed:
         assert closed.rcvd is not None, f"no close frame: {closed!r}"
         return closed.rcvd
+
+
+def mute_session(url: str, token: str | None = None) -> socket.socket:
+    """A v1 session opened by hand over a bare socket, which then never reads again: unlike a
+    websockets client (whose background thread answers a close by itself), it never answers
+    the server's closing handshake. Returned open; close it when done."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    sock = socket.create_connection((host, port), timeout=5)
+    key = base64.b64encode(os.urandom(16)).decode()
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    sock.sendall(
+        (
+            f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"{auth}\r\n"
+        ).encode()
+    )
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(4096)
+        assert chunk, f"the server closed during the handshake: {answer!r}"
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 101"), answer
+    sock.sendall(_masked_text_frame(json.dumps({"type": "hello", "protocol": 1})))
+    ready = answer.split(b"\r\n\r\n", 1)[1]
+    while b'"ready"' not in ready:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed instead of answering hello"
+        ready += chunk
+    return sock
+
+
+def _masked_text_frame(text: str) -> bytes:
+    payload = text.encode()
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + mask + masked

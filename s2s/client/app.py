@@ -45,6 +45,8 @@ JOIN_TIMEOUT_S = 0.3
 """All of close() fits in the 0.5 s a Ctrl+C is allowed."""
 FILE_REPLY_TIMEOUT_S = 60.0
 """With --file: how long after the file ends to wait for speech to be answered."""
+SIGNAL_CHECK_S = 0.1
+"""How often the waiting main thread wakes to run pending signal handlers (Ctrl+C)."""
 
 
 class ClientError(RuntimeError):
@@ -95,17 +97,25 @@ class VoiceClient:
         self._closed = False
         self._server_said_bye = False
         self._reply_started_at_sample = 0
+        self._played_lock = threading.Lock()  # guards _unplayed_turn
+        self._unplayed_turn: int | None = None  # its audio is all here, not all played yet
 
     # --- running --------------------------------------------------------------------------
 
     def run(self) -> ClientOutcome:
         """Connect and converse until the end (file answered, server gone, or ``close()``)."""
-        self._connect()
+        ready = self._connect()
         self._sink.start()
         self._source.start()
+        # Reported once the microphone is live: "ready" is when the user may speak (a sound
+        # device can take a moment to open, and the first words must not fall into it).
+        self._report(ready)
         self._spawn(self._receive, "client-receiver")
         self._spawn(self._send_audio, "client-sender")
-        self._finished.wait()
+        # In short slices: Ctrl+C delivered to another thread (PortAudio's, websockets')
+        # only flags the main thread, which runs the handler when it next runs Python code.
+        while not self._finished.wait(SIGNAL_CHECK_S):
+            pass
         return self._outcome
 
     def close(self) -> list[str]:
@@ -148,7 +158,7 @@ class VoiceClient:
 
     # --- connecting -----------------------------------------------------------------------
 
-    def _connect(self) -> None:
+    def _connect(self) -> dict[str, Any]:
         parsed = urlparse(self.config.url)
         if parsed.scheme not in ("ws", "wss") or not parsed.hostname:
             raise ClientError(f"--url must look like ws://HOST:PORT, got {self.config.url!r}")
@@ -210,7 +220,7 @@ class VoiceClient:
         if not isinstance(ready, dict) or ready.get("type") != "ready":
             message = ready.get("message", ready) if isinstance(ready, dict) else ready
             raise ClientError(f"the server did not accept the session: {message}")
-        self._report(ready)
+        return ready
 
     # --- threads --------------------------------------------------------------------------
 
@@ -230,11 +240,22 @@ class VoiceClient:
                 self._connection.send(to_pcm16(frame))
             except ConnectionClosed:
                 return
+            self._report_played()
             if self.config.exit_after_reply:
                 if file_done_at is None and self._source.exhausted():
                     file_done_at = time.monotonic()
                 if file_done_at is not None:
                     self._check_file_answered(file_done_at)
+
+    def _report_played(self) -> None:
+        """A local event once the speaker has played a reply to its end: scripts (and the
+        tests) wait on it instead of guessing how long playback takes."""
+        if self._sink.pending_s() > 0.0:
+            return
+        with self._played_lock:
+            turn_id, self._unplayed_turn = self._unplayed_turn, None
+        if turn_id is not None:
+            self._report({"type": "reply_played", "turn_id": turn_id})
 
     def _check_file_answered(self, file_done_at: float) -> None:
         if self._tracker.all_answered() and self._sink.pending_s() == 0.0:
@@ -294,9 +315,14 @@ class VoiceClient:
         elif kind == "reply_audio_start":
             self._reply_started_at_sample = self._sink.played_samples()
         elif kind == "interrupted":
+            with self._played_lock:
+                self._unplayed_turn = None
             self._stop_playback(event.get("turn_id"))
         elif kind == "reply_audio_end":
             self._sink.end_of_reply()
+            turn_id = event.get("turn_id")
+            with self._played_lock:
+                self._unplayed_turn = turn_id if isinstance(turn_id, int) else None
         self._report(event)
         for turn in self._tracker.on_event(event):
             self._outcome.turns.append(turn)

@@ -267,6 +267,10 @@ def _is_loopback(host: str) -> bool:
         return False  # a name: it may resolve to anything
 
 
+SIGNAL_CHECK_S = 0.1
+"""How often the idle main thread wakes to run pending signal handlers."""
+
+
 class Serving:
     """Serves on a thread from ``begin()`` until a signal: the first SIGINT or SIGTERM shuts
     down within 2 s (at once while the models still load), a second exits at once."""
@@ -294,7 +298,11 @@ class Serving:
             f"{config.max_sessions} sessions max)",
             flush=True,
         )
-        self._finished.wait()
+        # Waits in short slices: a signal the kernel hands to another thread (a model
+        # library's, say) only sets a flag, which the main thread acts on when it next runs
+        # Python code; a wait with no timeout would never get there.
+        while not self._finished.wait(SIGNAL_CHECK_S):
+            pass
         self.end(0)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
