@@ -133,6 +133,7 @@ def test_queue_depths_count_what_waits_in_front_of_each_stage() -> None:
         pipeline.feed(note(name))
     assert gate.holding.wait(HANG_BOUND_S)
     assert pipeline.queue_depths() == {"gate": 2, "append!": 0}
+    assert pipeline.pending_input() == 2
     gate.open.set()
     assert pipeline.stop(HANG_BOUND_S).clean
 

@@ -118,3 +118,26 @@ def test_a_session_is_closed_at_the_session_length_limit() -> None:
         served.stop()
     assert bye["type"] == "bye" and "session length limit" in bye["reason"]
     assert closed.value.rcvd is not None and closed.value.rcvd.code == CloseCodes.POLICY_VIOLATION
+
+
+def test_a_session_whose_audio_is_not_taken_is_closed_not_queued_forever() -> None:
+    """The VAD stage is wedged: audio within the rate limit piles up in front of it until
+    the bound (250 frames), then the session is closed with 1013 and the reason."""
+    served = Served()
+    try:
+        served.server.mark_ready({"device": "cpu"})
+        with connect(served.url, open_timeout=5) as client:
+            client.send(json.dumps({"type": "hello", "protocol": 1}))
+            assert json.loads(client.recv(timeout=5))["type"] == "ready"
+            frame = to_pcm16(np.zeros(160, dtype=np.float32))  # 10 ms
+            with pytest.raises(ConnectionClosed) as closed:
+                for _ in range(400):  # 1.33x real time: within the audio budget
+                    client.send(frame)
+                    time.sleep(0.0075)
+                client.recv(timeout=5)
+        assert served.stage.entered.is_set()
+    finally:
+        served.stop()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == CloseCodes.TRY_AGAIN_LATER
+    assert "not keeping up" in closed.value.rcvd.reason

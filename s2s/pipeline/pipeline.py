@@ -155,6 +155,10 @@ class Pipeline:
                 found.append((runner.stage.name, stalled_s))
         return found
 
+    def pending_input(self) -> int:
+        """Items fed and not yet taken by the first stage."""
+        return self._head.qsize()
+
     def queue_depths(self) -> dict[str, int]:
         """Items waiting in front of each stage."""
         return {runner.stage.name: runner.inbox.qsize() for runner in self.runners}

@@ -135,6 +135,10 @@ class SessionLimits:
     queues): over this, the session is cut off."""
     close_wait_s: float = 1.0
     """At the end: how long the queued frames and the closing handshake may take."""
+    max_queued_audio: int = 250
+    """Audio frames waiting for the VAD (10 s of 40 ms frames): beyond it the session's
+    pipeline is not keeping up (a stalled stage), and the session is closed (1013) instead
+    of holding an ever longer backlog. The audio budget keeps a healthy session far below."""
     max_session_s: float | None = None
     """A session is closed (1008) this long after it opened; None: no limit."""
     audio_budget: AudioBudget = field(default_factory=AudioBudget)
@@ -318,8 +322,15 @@ class Session:
         self._send_frames(self._wire.started, self.session_id, setup)
 
     def _admit(self, pcm: bytes) -> bool:
-        """Audio within the session's budget; a flood is refused and the session closed."""
+        """Audio within the session's budget; a flood is refused and the session closed, and
+        so is a session whose pipeline has stopped taking its audio."""
         assert self._setup is not None
+        pipeline = self._pipeline
+        if pipeline is not None and pipeline.pending_input() >= self._limits.max_queued_audio:
+            reason = "the server is not keeping up with this session's audio"
+            log.warning("session %s: %s", self.session_id, reason)
+            self._close(CloseCodes.TRY_AGAIN_LATER, reason)
+            return False
         now = time.monotonic()
         if self._audio_meter is None:
             self._audio_meter = AudioMeter(self._limits.audio_budget, now)
