@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -353,3 +354,61 @@ def test_a_stall_is_measured_from_the_last_output_and_idle_is_zero() -> None:
     slow.release.set()
     assert pipeline.stop(HANG_BOUND_S).clean
     assert runner.stalled_s(time.monotonic()) == 0.0
+
+
+class AdvancesThenFails(Stage[Note, Note]):
+    """The turn is cancelled while this handler works on it; then the handler fails, with an
+    empty message."""
+
+    name = "advances"
+
+    def handle(self, item: Note, ctx: StageContext) -> Iterator[Note]:
+        ctx.cancellation.advance()
+        raise ValueError()
+
+
+def test_a_failure_names_the_items_generation_and_the_exception_type_when_it_has_no_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def outlet(event: object) -> None:
+        raise RuntimeError("outlet down")
+
+    stage: Stage[Note, Note] = AdvancesThenFails()
+    inbox: queue.Queue[Any] = queue.Queue()
+    outbox: queue.Queue[Any] = queue.Queue()
+    events = EventLog()
+    cancellation = TurnCancellation()
+    ctx = StageContext("t", cancellation, events)
+    runner: StageRunner[Note, Note] = StageRunner(stage, inbox, outbox, ctx, "r")
+    runner.start()
+    inbox.put(note("x", generation=0))
+    inbox.put(Pill.PILL)
+    runner.thread.join(HANG_BOUND_S)
+    [error] = events.of_type(StageError)
+    assert error.generation == 0 and cancellation.generation == 1
+    assert (error.error_type, error.detail) == ("ValueError", "ValueError")
+    failing_ctx = StageContext("t", TurnCancellation(), outlet)
+    failing: StageRunner[Note, Note] = StageRunner(stage, inbox, outbox, failing_ctx, "f")
+    with caplog.at_level(logging.ERROR, logger="s2s.pipeline.stage"):
+        failing.start()
+        inbox.put(note("y"))
+        inbox.put(Pill.PILL)
+        failing.thread.join(HANG_BOUND_S)
+    assert "event outlet failed while reporting a advances error" in caplog.text
+    assert not failing.thread.is_alive()
+
+
+class TwoStaleOutputs(Stage[Note, Note]):
+    name = "two-stale"
+
+    def handle(self, item: Note, ctx: StageContext) -> Iterator[Note]:
+        ctx.cancellation.advance()
+        yield item  # stale at once
+
+
+def test_each_stale_output_is_counted() -> None:
+    runner, outputs = run_runner(
+        TwoStaleOutputs(), [note("a"), note("b", generation=1)], TurnCancellation()
+    )
+    assert runner.dropped_stale == 2
+    assert outputs == [Pill.PILL]

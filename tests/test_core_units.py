@@ -32,7 +32,7 @@ from s2s.pipeline.segmenter import (
 def test_a_new_session_is_at_generation_zero_and_nothing_is_stale() -> None:
     cancellation = TurnCancellation()
     assert cancellation.generation == 0
-    assert not cancellation.closed
+    assert cancellation.closed is False
     assert not cancellation.is_stale(0)
     assert cancellation.is_stale(1) and cancellation.is_stale(-1)
 
@@ -50,10 +50,12 @@ def test_close_makes_every_generation_stale_for_good() -> None:
     cancellation = TurnCancellation()
     check = cancellation.stop_check(0)
     assert not check()
+    cancellation.advance()
+    cancellation.advance()
     cancellation.close()
-    assert cancellation.closed and check()
+    assert cancellation.closed is True and check()
     current = cancellation.generation
-    assert current == 1 and cancellation.is_stale(current)
+    assert current == 3 and cancellation.is_stale(current)
     cancellation.close()  # idempotent, and still closed after an advance
     assert cancellation.is_stale(cancellation.advance())
 
@@ -151,6 +153,20 @@ def test_a_settlement_that_comes_first_waits_for_its_reply() -> None:
     chat.record_speculative((1, 2), "q1", "dropped")
     assert contents(chat)[1:3] == ["q0", "kept" + INTERRUPTED_MARK]
     assert len(chat) == 1
+
+
+def test_a_kept_speculative_reply_takes_its_heard_report() -> None:
+    """The reply is recorded under its turn: a playback report for that turn amends it,
+    whichever of record and settle came first."""
+    for settle_first in (False, True):
+        chat = history()
+        if settle_first:
+            chat.settle((2, 5), keep=True)
+        chat.record_speculative((2, 5), "q", "one two three")
+        if not settle_first:
+            chat.settle((2, 5), keep=True)
+        chat.amend_heard(2, "one")
+        assert contents(chat)[2] == "one" + INTERRUPTED_MARK, settle_first
 
 
 def test_a_kept_interrupted_speculative_reply_is_marked_once() -> None:
