@@ -329,17 +329,19 @@ def test_silence_ends_the_turn_exactly_at_min_silence_not_forced() -> None:
     assert vad.kinds() == [(1, "VadStarted"), (7, "VadEnded")]
     ended = vad.only(VadEnded)
     assert ended.forced is False and ended.speech_end_sample_index == 5 * WINDOW
+    assert ended.samples.dtype == np.float32
     assert len(ended.samples) == 5 * WINDOW and ended.start_sample_index == 0
     assert vad.segmenter.in_speech is False
 
 
 def test_a_pause_is_reported_exactly_at_pause_after_and_once() -> None:
     vad = Segmenting(pause_after_ms=64, min_silence_ms=320)
-    vad.push(0.9, count=4)
-    vad.push(0.0, count=4)
-    assert vad.kinds() == [(1, "VadStarted"), (5, "VadPaused")]
+    vad.push(0.9, count=5)  # ends on a whole 10 ms frame: 2560 samples
+    vad.push(0.0, count=4)  # 1024 samples (64 ms) of silence at window 6
+    assert vad.kinds() == [(1, "VadStarted"), (6, "VadPaused")]
     paused = vad.only(VadPaused)
-    assert paused.speech_end_sample_index == on_frames(4 * WINDOW)
+    assert paused.speech_end_sample_index == 5 * WINDOW
+    assert paused.samples.dtype == np.float32
 
 
 def test_max_speech_counts_from_the_onset_not_from_the_stream_start() -> None:
@@ -418,3 +420,23 @@ def test_an_end_with_nothing_loud_near_it_is_the_search_windows_start() -> None:
     ended = vad.only(VadEnded)
     frame = 160
     assert ended.speech_end_sample_index == 40 * WINDOW - 25 * frame
+
+
+def test_restart_never_moves_the_onset_into_the_padding() -> None:
+    """Speech from the first sample, 100 ms of padding: a restart at 0 puts the onset past
+    the padding (1600), which is where the max-speech cut then counts from."""
+    vad = Segmenting(speech_pad_ms=100, max_speech_s=0.64)
+    vad.push(0.9, count=3)
+    vad.segmenter.restart(0)
+    vad.push(0.9, count=30)
+    ended = vad.only(VadEnded)
+    assert ended.forced is True
+    assert ended.speech_end_sample_index == 24 * WINDOW  # 1600 + 10240 reached in window 23
+
+
+def test_speech_the_model_hears_in_digital_silence_ends_where_the_model_says() -> None:
+    """Nothing loud at all to refine the end with: the end is the first silent window."""
+    vad = Segmenting()
+    vad.push(0.9, level=0.0, count=10)
+    vad.push(0.0, count=4)
+    assert vad.only(VadEnded).speech_end_sample_index == 10 * WINDOW
