@@ -16,23 +16,13 @@ from s2s.pipeline.messages import AudioChunk, Event, Samples, SpeechSegment, Spe
 from s2s.pipeline.segmenter import VadOptions
 from s2s.pipeline.stage import StageContext
 from s2s.pipeline.stages import VadStage
+from tests.fake_models import LoudWindows
 
 RATE = 16_000
 FRAME_S = 0.04
 REPLY_LEVEL = 0.2
 ECHO_LEVEL = 0.06  # -10 dB under the reply: what a laptop's speaker sends back
 USER_LEVEL = 0.3  # the user speaking up over the reply
-
-
-class LoudWindows:
-    """A stand-in for Silero: a window is speech when its RMS is over 0.02."""
-
-    def new_state(self) -> np.ndarray:
-        return np.zeros(1, dtype=np.float32)
-
-    def probability(self, window: Samples, state: np.ndarray) -> tuple[float, np.ndarray]:
-        level = float(np.sqrt(np.mean(np.square(window[-512:], dtype=np.float64))))
-        return (1.0 if level > 0.02 else 0.0), state
 
 
 def tone(level: float, seconds: float) -> Samples:
