@@ -340,9 +340,12 @@ class S2SServer:
             self._sessions.pop(session_id, None)
 
 
+_BUSY_BODY = b"too many connections opening\n"
 BUSY_RESPONSE = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 29\r\n"
-    b"Retry-After: 1\r\nConnection: close\r\n\r\ntoo many connections opening\n"
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+    + f"Content-Length: {len(_BUSY_BODY)}\r\n".encode()
+    + b"Retry-After: 1\r\nConnection: close\r\n\r\n"
+    + _BUSY_BODY
 )
 
 
