@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,12 +48,23 @@ def server() -> Iterator[tuple[Process, str]]:
 
 
 def test_sigterm_during_the_handshake(server: tuple[Process, str]) -> None:
-    """Connected, no hello yet."""
+    """Three clients at three points of the handshake: one sent half an HTTP request, one
+    sent nothing at all (both would hold their threads until the 5 s handshake timeout), one
+    has its WebSocket but sent no hello yet. Exit 0 (every thread joined) in time."""
     process, url = server
+    host, port = url.removeprefix("ws://").split(":")
+    half = socket.create_connection((host, int(port)), timeout=5)
+    half.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+    silent = socket.create_connection((host, int(port)), timeout=5)
     waiting = connect(url, open_timeout=5, close_timeout=0.5, legacy=True)
-    status, took = sigterm(process)
-    waiting.close()
+    try:
+        status, took = sigterm(process)
+    finally:
+        waiting.close()
+        half.close()
+        silent.close()
     assert status == 0 and took < SERVER_EXIT_BOUND_S, process.stderr()
+    assert "threads still alive" not in process.stderr()
 
 
 def test_sigterm_while_an_end_is_drained(question_wav: Path) -> None:

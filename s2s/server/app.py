@@ -5,6 +5,7 @@ at ``/v1/realtime``, the web client (``GET /``), ``/healthz``, ``/readyz`` and `
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hmac
 import http
@@ -36,6 +37,9 @@ from s2s.server.wire import V1Wire, WireFormat
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8765
+OPENING_DROP_WAIT_S = 0.2
+"""At shutdown: how long to wait for the listening socket to close before dropping the
+connections still opening (it closes at once while ``serve_forever`` runs)."""
 CLOSE_TIMEOUT_S = 0.5
 """How long a close waits for the client's closing handshake: shutdown must fit in 2 s."""
 
@@ -91,7 +95,9 @@ class S2SServer:
         self._ids = itertools.count(1)
         self._ws: Server | None = None
         self._opening = threading.BoundedSemaphore(config.max_opening)
-        self._in_handshake = threading.local()  # this handler thread holds an opening slot
+        self._in_handshake = threading.local()  # this handler thread's opening socket
+        self._opening_lock = threading.Lock()  # guards _opening_sockets
+        self._opening_sockets: set[socket.socket] = set()
         self._open_connection: Callable[..., None] | None = None
         self._outcomes_lock = threading.Lock()  # guards speculation_outcomes
         self.speculation_outcomes: collections.Counter[str] = collections.Counter()
@@ -155,6 +161,10 @@ class S2SServer:
             daemon=True,
         )
         closer.start()
+        # Once nothing new is accepted, connections still opening are dropped: their reads
+        # would otherwise hold their threads until the handshake timeout.
+        self._ws.socket_closed.wait(min(OPENING_DROP_WAIT_S, deadline.remaining_s()))
+        self._drop_opening_connections()
         closer.join(deadline.remaining_s())
         with self._ws.lock:
             handlers = list(self._ws.handler_threads)
@@ -223,7 +233,9 @@ class S2SServer:
             with self._ws.lock:  # websockets' own handler would have done this
                 self._ws.handler_threads.discard(threading.current_thread())
             return
-        self._in_handshake.held = True
+        with self._opening_lock:
+            self._opening_sockets.add(sock)
+        self._in_handshake.sock = sock
         try:
             self._open_connection(sock, address)
         finally:
@@ -232,9 +244,21 @@ class S2SServer:
     def _handshake_over(self) -> None:
         """The opening handshake ended (the WebSocket is open, or the request was answered
         or failed): its slot is free."""
-        if getattr(self._in_handshake, "held", False):
-            self._in_handshake.held = False
+        sock = getattr(self._in_handshake, "sock", None)
+        if sock is not None:
+            self._in_handshake.sock = None
+            with self._opening_lock:
+                self._opening_sockets.discard(sock)
             self._opening.release()
+
+    def _drop_opening_connections(self) -> None:
+        """Connections still in their opening handshake would hold their threads until the
+        handshake timeout: shutting their sockets down ends those reads now."""
+        with self._opening_lock:
+            opening = list(self._opening_sockets)
+        for sock in opening:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Plain HTTP on the WebSocket port; None lets a WebSocket handshake go on."""
