@@ -36,21 +36,22 @@ class LoudWindows:
 
 class GatedTranscriber:
     """Says 'a question' for speech, '' for audio with nothing loud in it. While ``hold`` is
-    cleared it waits (a slow STT), and ``fail_next`` makes one call raise."""
+    cleared it waits (a slow STT); the next ``failures`` calls raise (a turn is transcribed
+    twice with speculation: at its pause and, if that failed, at its end)."""
 
     def __init__(self) -> None:
         self.hold = threading.Event()
         self.hold.set()
         self.entered = threading.Event()
-        self.fail_next = False
+        self.failures = 0
         self.calls = 0
 
     def transcribe(self, samples: Samples) -> str:
         self.calls += 1
         self.entered.set()
         self.hold.wait(30.0)
-        if self.fail_next:
-            self.fail_next = False
+        if self.failures > 0:
+            self.failures -= 1
             raise RuntimeError("the fake transcriber failed on purpose")
         peak = float(np.max(np.abs(samples))) if len(samples) else 0.0
         return "a question" if peak > 0.1 else ""

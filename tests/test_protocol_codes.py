@@ -5,6 +5,7 @@ models. Each test sends the cause and asserts the exact code."""
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -245,7 +246,7 @@ def test_a_failing_model_is_stage_failed_and_the_next_turn_works(
 ) -> None:
     connection = session(server)
     listener = Listener(connection)
-    transcriber.fail_next = True
+    transcriber.failures = 2  # at the pause, then again at the end of the turn
     send_audio(connection, spoken())
     error = listener.wait_for("error")
     assert error["code"] == "stage_failed" and error["turn_id"] == 0
@@ -253,6 +254,8 @@ def test_a_failing_model_is_stage_failed_and_the_next_turn_works(
     send_audio(connection, spoken())
     assert listener.wait_for("transcript", 1)["text"] == "a question"
     listener.wait_for("reply_audio_end", 1)
+    kinds_of_turn_0 = [e["type"] for e in listener.events() if e.get("turn_id") == 0]
+    assert "transcript" not in kinds_of_turn_0 and "reply_audio_start" not in kinds_of_turn_0
     connection.close()
 
 
@@ -489,3 +492,55 @@ def test_connections_that_never_finish_opening_are_capped(transcriber: GatedTran
         for sock in silent:
             sock.close()
         running.stop()
+
+
+# --- the Realtime wire format: the codes it shares with v1 ------------------------------------
+
+
+def realtime_audio(connection: ClientConnection, samples: Samples) -> None:
+    """Append 40 ms events of 24 kHz PCM16, paced as a microphone would."""
+    audio = resample(samples, RATE_HZ, 24000)
+    frame = round(FRAME_S * 24000)
+    began = time.monotonic()
+    for k, start in enumerate(range(0, len(audio), frame)):
+        wait = began + k * FRAME_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        pcm = base64.b64encode(to_pcm16(audio[start : start + frame])).decode()
+        connection.send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm}))
+
+
+def realtime_event(listener: Listener, kind: str) -> dict[str, Any]:
+    return listener.wait_for(kind)
+
+
+def test_realtime_a_failing_model_is_a_server_error_and_the_next_turn_works(
+    server: Running, transcriber: GatedTranscriber
+) -> None:
+    connection = raw(server.url + "/v1/realtime")
+    listener = Listener(connection)
+    listener.wait_for("session.created")
+    transcriber.failures = 2  # at the pause, then again at the end of the turn
+    realtime_audio(connection, spoken())
+    error = listener.wait_for("error")["error"]
+    assert (error["type"], error["code"]) == ("server_error", "stage_failed")
+    realtime_audio(connection, spoken())
+    done = listener.wait_for("conversation.item.input_audio_transcription.completed")
+    assert done["transcript"] == "a question"
+    assert listener.wait_for("response.done")["response"]["status"] == "completed"
+    connection.close()
+
+
+def test_realtime_server_shutdown_closes_1001_with_the_reason(
+    transcriber: GatedTranscriber,
+) -> None:
+    running = Running(fake_models(transcriber))
+    try:
+        connection = raw(running.url + "/v1/realtime")
+        listener = Listener(connection)
+        listener.wait_for("session.created")
+    finally:
+        running.stop()
+    close = listener.wait_closed()
+    assert close is not None and close.code == CloseCodes.GOING_AWAY
+    assert "shutting down" in close.reason

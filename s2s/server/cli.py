@@ -201,22 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     def build(**kwargs: Any) -> Pipeline:
         return build_session_pipeline(loaded[0], history_options=history, **kwargs)
 
-    config = ServerConfig(
-        host=args.host,
-        port=int(args.port),
-        token=token_for(args),
-        max_sessions=int(args.max_sessions),
-        max_opening=int(args.max_opening),
-        echo=EchoOptions(ratio=float(args.echo_ratio)) if float(args.echo_ratio) > 0 else None,
-        limits=SessionLimits(
-            idle_timeout_s=float(args.idle_timeout_s),
-            send_timeout_s=float(args.send_timeout_s),
-            max_session_s=float(args.max_session_s) if args.max_session_s else None,
-        ),
-        vad=profile.vad,
-        system_prompt=history.system_prompt,
-        stall_timeout_s=float(args.stall_timeout_s),
-    )
+    config = server_config(args, profile, history)
     # Bound first, so a port in use fails at once and /readyz answers (503) while loading.
     server = S2SServer(config, build, models_info=None)
     try:
@@ -239,6 +224,29 @@ def main(argv: list[str] | None = None) -> int:
     loaded.append(models)
     server.mark_ready(models_info(models))
     serving.ready()
+
+
+def server_config(
+    args: argparse.Namespace, profile: ModelProfile, history: HistoryOptions
+) -> ServerConfig:
+    """The server's settings from the command line (and its S2S_ variables)."""
+    ratio = float(args.echo_ratio)
+    return ServerConfig(
+        host=args.host,
+        port=int(args.port),
+        token=token_for(args),
+        max_sessions=int(args.max_sessions),
+        max_opening=int(args.max_opening),
+        echo=EchoOptions(ratio=ratio) if ratio > 0 else None,  # 0: no echo test (headsets)
+        limits=SessionLimits(
+            idle_timeout_s=float(args.idle_timeout_s),
+            send_timeout_s=float(args.send_timeout_s),
+            max_session_s=float(args.max_session_s) if args.max_session_s else None,
+        ),
+        vad=profile.vad,
+        system_prompt=history.system_prompt,
+        stall_timeout_s=float(args.stall_timeout_s),
+    )
 
 
 def token_for(args: argparse.Namespace) -> str | None:

@@ -1,0 +1,35 @@
+"""Layer 1: the server's options, from the command line and from S2S_ variables."""
+
+from __future__ import annotations
+
+import pytest
+
+from s2s.pipeline.echo import EchoOptions
+from s2s.pipeline.history import HistoryOptions
+from s2s.server.app import ServerConfig
+from s2s.server.cli import build_parser, profile_from_args, server_config
+
+
+def config_for(argv: list[str]) -> ServerConfig:
+    args = build_parser().parse_args(["--device", "cpu", *argv])
+    return server_config(args, profile_from_args(args), HistoryOptions())
+
+
+def test_echo_ratio_0_turns_the_echo_test_off() -> None:
+    """--echo-ratio 0 is for headsets: no echo test, any speech during a reply interrupts."""
+    assert config_for(["--echo-ratio", "0"]).echo is None
+    assert config_for(["--echo-ratio", "0.3"]).echo == EchoOptions(ratio=0.3)
+    assert config_for([]).echo == EchoOptions(ratio=0.5)
+
+
+def test_every_option_can_come_from_an_s2s_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S2S_ plus the option's name; the command line wins; empty counts as unset."""
+    monkeypatch.setenv("S2S_ECHO_RATIO", "0")
+    monkeypatch.setenv("S2S_MAX_SESSIONS", "7")
+    monkeypatch.setenv("S2S_MAX_OPENING", "3")
+    monkeypatch.setenv("S2S_IDLE_TIMEOUT_S", "")
+    config = config_for([])
+    assert config.echo is None
+    assert (config.max_sessions, config.max_opening) == (7, 3)
+    assert config.limits.idle_timeout_s == 300.0
+    assert config_for(["--max-sessions", "2"]).max_sessions == 2
