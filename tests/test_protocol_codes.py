@@ -330,6 +330,21 @@ def test_a_client_interrupt_during_a_reply_stops_its_audio(server: Running) -> N
     connection.close()
 
 
+def test_an_interrupt_with_no_reply_playing_loses_no_turn(server: Running) -> None:
+    """``interrupt`` while the user is still speaking (nothing to stop): it is answered with
+    ``interrupted``, and the turn being spoken is still transcribed and answered."""
+    connection = session(server)
+    listener = Listener(connection)
+    send_audio(connection, spoken(seconds=0.5, silence_s=0.0))
+    listener.wait_for("speech_started", 0)
+    connection.send(json.dumps({"type": "interrupt"}))
+    listener.wait_for("interrupted")
+    send_audio(connection, spoken(seconds=0.3, silence_s=0.8))
+    assert listener.wait_for("transcript", 0)["text"] == "a question"
+    listener.wait_for("reply_audio_end", 0)
+    connection.close()
+
+
 def test_reply_audio_is_paced_at_most_300_ms_ahead(server: Running) -> None:
     """The fake reply is 2.6 s of audio made at once: it arrives over about 2.3 s, never more
     than 300 ms (plus one 100 ms frame and scheduling) ahead of real time."""
