@@ -112,9 +112,10 @@ def wait_for_metric(base: str, name: str, bound_s: float, want: float | None = N
 def test_a_flood_of_audio_is_refused_and_the_server_stays_small(
     cpu_models: LoadedModels, tmp_path: Path
 ) -> None:
-    """10 minutes of audio sent as fast as the socket takes it: ``rate_limited`` and a 1008
+    """Thirty seconds of audio sent as fast as the socket takes it: ``rate_limited`` and a 1008
     close once the burst allowance is spent; the server's memory hardly moves, and a normal
-    turn works right after."""
+    turn works right after. (A client that goes on flooding long after the close may not read
+    them: its unread data makes the server's close a reset, which discards both in flight.)"""
     question = spoken_wav(cpu_models, "What is the capital of France?", tmp_path)
     server, url = start_server()
     try:
@@ -126,7 +127,7 @@ def test_a_flood_of_audio_is_refused_and_the_server_stays_small(
             frame = bytes(3200)  # 100 ms of silence at 16 kHz
             sent = 0
             try:
-                while sent < 6000:
+                while sent < 300:
                     flood.send(frame)
                     sent += 1
             except ConnectionClosed:

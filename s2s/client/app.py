@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -138,10 +138,12 @@ class VoiceClient:
             self._exit_stack.close()
             self._sink.close()
         me = threading.current_thread()
-        for thread in self._threads:
-            if thread is not me:
-                thread.join(deadline.remaining_s())
-        return [t.name for t in self._threads if t.is_alive() and t is not me]
+        # Only running threads are joined: a signal can interrupt _spawn between creating a
+        # thread and starting it, and join() raises on a thread that never started.
+        running = [t for t in self._threads if t is not me and t.is_alive()]
+        for thread in running:
+            thread.join(deadline.remaining_s())
+        return [t.name for t in running if t.is_alive()]
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         # Daemon: close() joins these with a deadline; daemon only matters if one is stuck
@@ -197,7 +199,10 @@ class VoiceClient:
                     self._source.sample_rate_hz, self._sink.sample_rate_hz, self.config.pipeline
                 )
             )
-            ready = json.loads(self._connection.recv(timeout=CONNECT_TIMEOUT_S))
+            answer = _in_slices(self._connection.recv, TimeoutError)
+            if answer is None:
+                raise TimeoutError
+            ready = json.loads(answer)
         except InvalidStatus as exc:
             status = exc.response.status_code
             hint = " (wrong or missing --token)" if status == 401 else ""
@@ -346,6 +351,22 @@ class VoiceClient:
                 self._connection.send(protocol.event("interrupt"))
 
 
+T = TypeVar("T")
+
+
+def _in_slices(wait: Callable[[float], T], timed_out: type[Exception]) -> T | None:
+    """``wait(slice_s)`` again and again until it returns, for up to CONNECT_TIMEOUT_S (None
+    then). The main thread must not block longer than a slice: a signal the kernel hands to
+    another thread only flags the main thread, which acts on it between slices."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        try:
+            return wait(min(SIGNAL_CHECK_S, max(0.0, deadline - time.monotonic())))
+        except timed_out:
+            if time.monotonic() >= deadline:
+                return None
+
+
 def _resolve(host: str, port: int) -> tuple[str, int]:
     """The host's address, looked up on a helper thread: the caller waits interruptibly, so
     Ctrl+C during a slow DNS lookup still exits at once."""
@@ -359,10 +380,9 @@ def _resolve(host: str, port: int) -> tuple[str, int]:
             answer.put(exc)
 
     threading.Thread(target=lookup, name="client-dns", daemon=True).start()
-    try:
-        found = answer.get(timeout=CONNECT_TIMEOUT_S)
-    except queue.Empty:
-        raise ClientError(f"cannot look up {host} within {CONNECT_TIMEOUT_S:g} s") from None
+    found = _in_slices(lambda slice_s: answer.get(timeout=slice_s), queue.Empty)
+    if found is None:
+        raise ClientError(f"cannot look up {host} within {CONNECT_TIMEOUT_S:g} s")
     if isinstance(found, OSError):
         raise ClientError(f"cannot look up {host}: {found.strerror or found}")
     return found

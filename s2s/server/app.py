@@ -364,6 +364,8 @@ class S2SServer:
             self._sessions.pop(session_id, None)
 
 
+REFUSAL_READ_S = 0.5
+REFUSAL_READ_BYTES = 16 * 1024
 _BUSY_BODY = b"too many connections opening\n"
 BUSY_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
@@ -374,11 +376,20 @@ BUSY_RESPONSE = (
 
 
 def _refuse_busy(sock: socket.socket) -> None:
-    """Answer 503 without reading the request (the socket's buffer takes these few bytes at
-    once; the timeout only guards against the impossible), then close."""
+    """Answer 503 and close. The request is read first (briefly: a silent client gets its
+    answer after REFUSAL_READ_S): closing a socket with unread data sends a reset, and the
+    client's side would throw the answer away unread."""
     try:
-        sock.settimeout(0.5)
+        sock.settimeout(REFUSAL_READ_S)
+        request = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in request and len(request) < REFUSAL_READ_BYTES:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                request += chunk
         sock.sendall(BUSY_RESPONSE)
+        sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
     finally:
