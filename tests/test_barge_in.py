@@ -47,8 +47,14 @@ class Call:
         return "".join(delta for _, delta in self.deltas)
 
 
+DELTA_PACE_S = 0.06
+"""The recording LLM takes at least this long a delta, so a reply of 64 tokens is still being
+generated when the user speaks over its first second of audio, however fast or loaded the
+machine (else "no late tokens" would hold trivially)."""
+
+
 class RecordingChat:
-    """The real LLM, with every call's prompt and the time of every delta recorded."""
+    """The real LLM, paced, with every call's prompt and the time of every delta recorded."""
 
     def __init__(self, inner: LoadedModels) -> None:
         self._inner = inner.llm
@@ -66,6 +72,7 @@ class RecordingChat:
             for delta in self._inner.stream(messages, should_stop):
                 call.deltas.append((time.monotonic(), delta))
                 yield delta
+                time.sleep(DELTA_PACE_S)
         finally:
             call.cancelled = should_stop()
 
