@@ -109,12 +109,16 @@ def test_ctrl_c_during_a_slow_dns_lookup_exits_at_once(
         NullSink(16_000),
         lambda event: None,
     )
+    # As s2s-client's main() does: a process started in the background by a shell inherits
+    # SIGINT ignored, and Python then leaves it ignored (the suite may run that way).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
     began = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
             client.run()
     finally:
+        signal.signal(signal.SIGINT, previous)
         released.set()
         client.close()
     assert time.monotonic() - began < 2.0
