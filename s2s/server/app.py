@@ -37,6 +37,9 @@ from s2s.server.wire import V1Wire, WireFormat
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8765
+GOODBYE_WAIT_S = 0.7
+"""At shutdown: how long the sessions' writers get, together, to send their bye and close
+(a client that answers the close takes milliseconds; one that never does, CLOSE_TIMEOUT_S)."""
 OPENING_DROP_WAIT_S = 0.2
 """At shutdown: how long to wait for the listening socket to close before dropping the
 connections still opening (it closes at once while ``serve_forever`` runs)."""
@@ -150,6 +153,12 @@ class S2SServer:
             sessions = list(self._sessions.values())
         for session in sessions:
             session.shutdown(CloseCodes.GOING_AWAY, "server shutting down")
+        # Each session's writer sends its bye and then its close; websockets' own shutdown
+        # below closes connections directly and, on a loaded machine, could overtake a writer
+        # (a 1001 with no bye). A client that does not read is not waited for past this.
+        goodbye = Deadline(min(GOODBYE_WAIT_S, deadline.remaining_s()))
+        for session in sessions:
+            session.wait_said_goodbye(goodbye.remaining_s())
         if self._ws is None:
             return []
         closer = threading.Thread(

@@ -230,6 +230,11 @@ class Session:
         self._send_frames(self._wire.bye, reason)
         self._close(code, reason)
 
+    def wait_said_goodbye(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for what ``shutdown`` queued (``bye``, then the close)
+        to go out. True when it has."""
+        return self._writer.wait(timeout_s)
+
     # --- phases ---------------------------------------------------------------------------
 
     def _serve(self) -> None:

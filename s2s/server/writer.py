@@ -84,6 +84,13 @@ class SessionWriter:
         self._queue.put(_Close(1006, why))  # wakes the writer if it waits for frames
         self._on_cut_off(why)
 
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the queued frames and the close to go out (without
+        cutting off). True when the writer has stopped."""
+        if self._thread.ident is not None:
+            self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
     def join(self, timeout_s: float) -> bool:
         """Wait for the queued frames and the close to go out; cut off if they do not in
         time. True when the writer has stopped."""
