@@ -102,7 +102,7 @@ if [[ $project == 1 ]]; then
     else
         quiet_pip --no-deps "$root"
     fi
-    check="import parler_tts, faster_whisper, piper, transformers, s2s.server.cli, s2s.client.cli"
+    check="import parler_tts, faster_whisper, piper, transformers, livekit.rtc, s2s.server.cli, s2s.client.cli"
     if ! out=$("$venv/bin/python" -c "$check" 2>&1); then
         echo "$out" >&2
         echo "[install] s2s or its model libraries do not import" >&2

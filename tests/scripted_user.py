@@ -16,6 +16,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from s2s.client.audio import drain_into
+from s2s.client.echo_cancel import EchoCanceller
+from s2s.client.room import Room, RoomOptions
 from s2s.models.audio import from_pcm16, to_pcm16
 from s2s.pipeline.messages import Samples
 from s2s.server import protocol
@@ -24,6 +26,9 @@ RATE_HZ = 16_000
 FRAME = 512
 """32 ms frames, both ways: the microphone sends one and the speaker plays one per tick."""
 FRAME_S = FRAME / RATE_HZ
+USER_TAIL_S = 0.3
+"""After the user's speech, how long the canceller's output may still hold some of it (the
+ERLE figures leave that out)."""
 
 
 @dataclass
@@ -47,12 +52,26 @@ class ScriptedUser:
     echo_gain: float = 0.0
     """How loud the speaker comes back into the microphone (0.3 is about -10 dB)."""
     echo_delay_s: float = 0.1
+    room: RoomOptions | None = None
+    """Instead of ``echo_gain``: the speaker reaches the microphone through this room."""
+    aec: bool = False
+    """Cancel the echo in the client (WebRTC's AEC), and say so in hello."""
     received: list[Received] = field(default_factory=list)
+    echo_power_in: list[float] = field(default_factory=list)
+    """Per frame while the user is silent and a reply plays: the echo's power at the
+    microphone, and what is left of it after the canceller (``echo_power_out``)."""
+    echo_power_out: list[float] = field(default_factory=list)
+    mic_started_at = 0.0
+    """When the first frame was sent: sample i of the stream was spoken at this + i / rate."""
     interrupted_at: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._connection = connect(self.url, open_timeout=5, close_timeout=1, legacy=True)
-        self._connection.send(protocol.hello(RATE_HZ, RATE_HZ))
+        self._room = Room(self.room, RATE_HZ) if self.room is not None else None
+        self._canceller = EchoCanceller(RATE_HZ, RATE_HZ) if self.aec else None
+        if self._canceller is not None:
+            self._canceller.start()
+        self._connection.send(protocol.hello(RATE_HZ, RATE_HZ, echo_cancelled=self.aec))
         ready = json.loads(self._connection.recv(timeout=10))
         assert ready["type"] == "ready", ready
         self._lock = threading.Lock()  # guards the speaker buffer, the script and received
@@ -64,6 +83,7 @@ class ScriptedUser:
             [np.zeros(FRAME, dtype=np.float32)] * max(1, round(self.echo_delay_s / FRAME_S))
         )
         self._script: list[Scheduled] = []
+        self._spoke_at = -USER_TAIL_S
         self._stopped = threading.Event()
         self._threads = [
             threading.Thread(target=self._microphone, name="scripted-mic"),
@@ -113,21 +133,32 @@ class ScriptedUser:
     # --- threads --------------------------------------------------------------------------
 
     def _microphone(self) -> None:
-        next_at = time.monotonic()
+        next_at = self.mic_started_at = time.monotonic()
         while not self._stopped.wait(max(0.0, next_at - time.monotonic())):
             next_at += FRAME_S
             now = time.monotonic()
             with self._lock:
                 played = self._play_one_frame()
-                frame = self._echo.popleft() * self.echo_gain
-                self._echo.append(played)
+                if self._room is not None:
+                    frame = self._room.echo(played)
+                else:
+                    frame = self._echo.popleft() * self.echo_gain
+                    self._echo.append(played)
+                echo = frame.copy()
                 for item in self._script:
                     if item.at <= now and item.position < len(item.samples):
                         piece = item.samples[item.position : item.position + FRAME]
                         frame[: len(piece)] += piece
                         item.position += FRAME
+                        self._spoke_at = now
                         if item.first_sent_at is None:
                             item.first_sent_at = now
+            if self._canceller is not None:
+                self._canceller.reference(played)
+                frame = self._canceller.cancel(frame)
+                if now - self._spoke_at > USER_TAIL_S and np.any(echo):
+                    self.echo_power_in.append(float(np.mean(np.square(echo))))
+                    self.echo_power_out.append(float(np.mean(np.square(frame))))
             try:
                 self._connection.send(to_pcm16(np.clip(frame, -1.0, 1.0)))
             except ConnectionClosed:

@@ -125,6 +125,37 @@ def test_enter_interrupts_the_reply(
         os.close(terminal)
 
 
+@pytest.mark.parametrize("no_aec", [False, True], ids=["aec", "no-aec"])
+def test_the_microphone_is_echo_cancelled_unless_asked_not_to(
+    server: Running, pulse_env: dict[str, str], tmp_path: Path, no_aec: bool
+) -> None:
+    """Microphone and speaker both in use: the client cancels the speaker's echo and says so
+    in hello (``ready`` echoes ``options.echo_cancelled``); ``--no-aec`` turns it off. A
+    question spoken into the microphone gets through the canceller either way."""
+    question = wav(tmp_path / "q.wav", silence(0.3), spoken())
+    client = start_client(server.url, *(["--no-aec"] if no_aec else []), env=pulse_env)
+    try:
+        ready = client.wait_for_event("ready", TURN_BOUND_S)
+        assert ready["options"]["echo_cancelled"] is (not no_aec)
+        speak_into_microphone(pulse_env, question)
+        assert client.wait_for_event("transcript", TURN_BOUND_S)["text"] == "a question"
+        status, took = client.signal_and_time(signal.SIGINT)
+        assert status == 130 and took < HANG_BOUND_S, client.stderr()
+    finally:
+        client.kill()
+
+
+def test_a_file_is_sent_as_it_is(server: Running, tmp_path: Path) -> None:
+    """Streaming a file has no speaker echo to cancel: no canceller, and the server is told."""
+    client = start_client(server.url, "--file", str(wav(tmp_path / "q.wav", spoken())))
+    try:
+        ready = client.wait_for_event("ready", TURN_BOUND_S)
+        assert ready["options"]["echo_cancelled"] is False
+        assert client.proc.wait(timeout=TURN_BOUND_S) == 0, client.stderr()
+    finally:
+        client.kill()
+
+
 def _drain(process: object) -> list[str]:
     lines = []
     queue_ = process.lines  # type: ignore[attr-defined]

@@ -122,3 +122,44 @@ def test_ctrl_c_during_a_slow_dns_lookup_exits_at_once(
         released.set()
         client.close()
     assert time.monotonic() - began < 2.0
+
+
+def test_json_events_from_two_threads_are_one_line_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sender thread reports ``reply_played`` while the receiver prints ``turn``: each
+    event is a line of its own (a script reading --json must never get two on one line;
+    the loaded suite once did)."""
+    from s2s.client.cli import Printer
+
+    class Terminal:
+        """A stdout that lets the other thread run in the middle of every write, as a pipe
+        to a busy reader does."""
+
+        def __init__(self) -> None:
+            self.text: list[str] = []
+
+        def write(self, text: str) -> int:
+            time.sleep(0.0001)
+            self.text.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    out = Terminal()
+    monkeypatch.setattr("sys.stdout", out)
+    printer = Printer(as_json=True, from_microphone=False)
+
+    def report(kind: str) -> None:
+        for k in range(300):
+            printer({"type": kind, "turn_id": k})
+
+    threads = [threading.Thread(target=report, args=(kind,)) for kind in ("turn", "reply_played")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = "".join(out.text).splitlines()
+    assert len(lines) == 600
+    assert all(json.loads(line)["turn_id"] >= 0 for line in lines)

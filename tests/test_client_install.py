@@ -40,6 +40,20 @@ def test_the_client_installs_alone_without_torch_and_runs(tmp_path: Path) -> Non
     )
     assert helped.returncode == 0, helped.stderr
     assert "--url" in helped.stdout
+    # The echo canceller runs on the laptop's own livekit (the newest, not the pinned one).
+    cancelled = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import numpy as np; from s2s.client.echo_cancel import EchoCanceller; "
+            "c = EchoCanceller(16000, 24000); c.start(); c.reference(np.zeros(768, 'float32')); "
+            "print(len(c.cancel(np.zeros(512, 'float32'))), c.blocks)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cancelled.stdout.strip() == "512 3", cancelled.stdout + cancelled.stderr
     # The same wheel carries the protocol and the web client the server serves.
     shipped = subprocess.run(
         [

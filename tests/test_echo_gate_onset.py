@@ -126,6 +126,34 @@ def test_a_cough_over_the_reply_is_too_short() -> None:
     assert mic.onsets() == []
 
 
+def test_a_cough_then_a_stray_loud_moment_is_not_an_onset() -> None:
+    """120 ms of cough, 160 ms of echo, 40 ms louder again: the span reaches the 300 ms
+    minimum onset (the gap is a short dip), but most of it was not louder than the echo."""
+    mic = gated_mic()
+    mic.speak(
+        np.concatenate(
+            [
+                tone(ECHO_LEVEL, 0.8),
+                tone(USER_LEVEL, 0.12),
+                tone(ECHO_LEVEL, 0.16),
+                tone(USER_LEVEL, 0.04),
+                tone(ECHO_LEVEL, 0.8),
+            ]
+        )
+    )
+    assert mic.onsets() == []
+
+
+def test_words_with_pauses_between_them_are_one_onset() -> None:
+    """The user over the echo in three 160 ms words with 160 ms between them (each quieter
+    moment shorter than ECHO_DIP_S): one onset, at the first word."""
+    mic = gated_mic()
+    word, between = tone(USER_LEVEL, 0.16), tone(ECHO_LEVEL, 0.16)
+    mic.speak(np.concatenate([tone(ECHO_LEVEL, 0.8), word, between, word, between, word]))
+    mic.speak(tone(0.0, 0.8))
+    assert mic.onsets() == [round(0.8 * RATE)]
+
+
 def test_a_stalled_uplink_does_not_break_the_users_speech() -> None:
     """0.6 s of the user's speech whose frames arrive with a 400 ms stall in the middle (and
     then all at once): by the samples it is one run of 0.6 s, so it is the user's onset.

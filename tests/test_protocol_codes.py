@@ -22,8 +22,9 @@ from websockets.sync.client import ClientConnection
 
 from s2s.models.audio import resample, to_pcm16
 from s2s.pipeline.messages import Samples
+from s2s.server.assembly import build_session_pipeline
 from s2s.server.protocol import MAX_FRAME_BYTES, CloseCodes
-from s2s.server.session import SessionLimits
+from s2s.server.session import ECHO_CANCELLED_VAD_THRESHOLD, SessionLimits
 from tests.fake_models import RATE_HZ, GatedTranscriber, fake_models, spoken
 from tests.servers import Running, settle
 from tests.ws import RECV_BOUND_S, close_received, hello, next_event, raw
@@ -195,6 +196,7 @@ def test_frames_of_10_and_100_ms_are_audio(server: Running) -> None:
         ({"input_sample_rate": 12345}, "unsupported_sample_rate"),
         ({"options": {"pipeline": "warp"}}, "bad_message"),
         ({"options": "fast"}, "bad_message"),
+        ({"options": {"echo_cancelled": "yes"}}, "bad_message"),
         ({"type": "interrupt"}, "not_ready"),
     ],
     ids=[
@@ -203,6 +205,7 @@ def test_frames_of_10_and_100_ms_are_audio(server: Running) -> None:
         "rate",
         "unknown-pipeline",
         "options-not-an-object",
+        "echo-cancelled-not-a-boolean",
         "message-before-hello",
     ],
 )
@@ -401,10 +404,10 @@ def test_noise_without_words_leaves_nothing_to_interrupt(server: Running) -> Non
     connection.close()
 
 
-def echo_of_the_reply(server: Running) -> Listener:
+def echo_of_the_reply(server: Running, **hello_fields: Any) -> Listener:
     """A turn, then, while its 2.6 s reply plays, 0.8 s of speech at -10 dB under the reply's
     level (what a laptop's microphone hears of its speaker)."""
-    connection = session(server)
+    connection = session(server, **hello_fields)
     listener = Listener(connection)
     send_audio(connection, spoken())
     listener.wait_for("reply_audio_start", 0)
@@ -431,6 +434,41 @@ def test_with_the_echo_test_off_echo_level_speech_interrupts(
         listener.connection.close()
     finally:
         running.stop()
+
+
+def test_a_client_that_cancels_its_echo_has_no_echo_gate(server: Running) -> None:
+    """``options.echo_cancelled``: ``ready`` echoes it, and the quiet speech that the gate
+    takes for echo above is the user's: it interrupts the reply."""
+    connection = raw(server.url)
+    ready = hello(connection, options={"echo_cancelled": True})
+    assert ready["options"] == {"pipeline": "streaming", "echo_cancelled": True}
+    connection.close()
+    listener = echo_of_the_reply(server, options={"echo_cancelled": True})
+    assert listener.wait_for("interrupted", 0)["reason"] == "barge-in"
+    listener.connection.close()
+
+
+def test_an_echo_cancelled_session_listens_with_a_lower_vad_threshold(
+    transcriber: GatedTranscriber,
+) -> None:
+    """An echo canceller turns the user down during double talk: such sessions get the VAD
+    threshold ECHO_CANCELLED_VAD_THRESHOLD; others keep the profile's."""
+    models = fake_models(transcriber)
+    asked: list[Any] = []
+
+    def build(**kwargs: Any) -> Any:
+        asked.append(kwargs.get("vad_overrides"))
+        return build_session_pipeline(models, **kwargs)
+
+    running = Running(models, build=build)
+    try:
+        for cancelled in (True, False):
+            connection = raw(running.url)
+            assert hello(connection, options={"echo_cancelled": cancelled})["type"] == "ready"
+            connection.close()
+    finally:
+        running.stop()
+    assert asked == [{"threshold": ECHO_CANCELLED_VAD_THRESHOLD}, {}]
 
 
 # --- rates and HTTP -------------------------------------------------------------------------

@@ -199,3 +199,30 @@ def test_amendments_for_turns_never_recorded_do_not_pile_up() -> None:
     history.record("late", "reply", turn_id=999)  # the most recent amendment still applies
     assert history.prompt("x")[2]["content"] == "words" + INTERRUPTED_MARK
     assert len(history._heard) <= 16  # bounded, whatever a long session does
+
+
+def test_the_onset_is_moved_back_to_where_the_voice_began() -> None:
+    """The VAD's probability rises a window after the voice began: the onset is placed where
+    the sound began (within START_SEARCH_MS), and the minimum speech counts from there, so
+    the speech is confirmed a window sooner. Silence before it is never taken in."""
+    options = VadOptions(min_speech_ms=300, min_silence_ms=300, speech_pad_ms=100)
+    segmenter = VadSegmenter(options)
+    silent = np.zeros(WINDOW, dtype=np.float32)
+    voiced = np.full(WINDOW, LOUD, dtype=np.float32)
+    events: list[VadEvent] = []
+    for index in range(5):
+        events += segmenter.push(silent, index * WINDOW, 0.0)
+    # The voice begins 20 ms (two 10 ms frames) before the end of window 5, which the VAD
+    # still calls silence; it calls window 6 speech.
+    late = np.concatenate([np.zeros(WINDOW - 320, dtype=np.float32), np.full(320, LOUD)])
+    events += segmenter.push(late.astype(np.float32), 5 * WINDOW, 0.1)
+    confirmed_at = None
+    for index in range(6, 20):
+        found = segmenter.push(voiced, index * WINDOW, 0.9)
+        if found and confirmed_at is None:
+            confirmed_at = (index + 1) * WINDOW
+        events += found
+    onset = 6 * WINDOW - 320
+    assert [e.sample_index for e in events if isinstance(e, VadStarted)] == [onset]
+    assert confirmed_at is not None and confirmed_at - onset >= options.samples(300)
+    assert confirmed_at < 6 * WINDOW + options.samples(300)  # sooner than from window 6

@@ -65,6 +65,8 @@ class ClientConfig:
     benchmark's comparisons; see PROTOCOL.md)."""
     ca_file: str | None = None
     """For ``wss://`` with a certificate the system does not trust (a self-signed one)."""
+    echo_cancelled: bool = False
+    """The source's audio has the speaker's echo removed (told to the server in hello)."""
 
 
 @dataclass
@@ -196,7 +198,10 @@ class VoiceClient:
             )
             self._connection.send(
                 protocol.hello(
-                    self._source.sample_rate_hz, self._sink.sample_rate_hz, self.config.pipeline
+                    self._source.sample_rate_hz,
+                    self._sink.sample_rate_hz,
+                    self.config.pipeline,
+                    echo_cancelled=self.config.echo_cancelled,
                 )
             )
             answer = _in_slices(self._connection.recv, TimeoutError)

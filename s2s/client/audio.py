@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -205,10 +206,17 @@ class SpeakerSink:
     """
 
     def __init__(
-        self, sample_rate_hz: int, device: str | int | None = None, jitter_ms: int = 80
+        self,
+        sample_rate_hz: int,
+        device: str | int | None = None,
+        jitter_ms: int = 80,
+        on_played: Callable[[Samples], None] | None = None,
     ) -> None:
         self.sample_rate_hz = sample_rate_hz
         self._device = device
+        self._on_played = on_played
+        """Gets every block handed to the sound card, silence included (the echo canceller's
+        far-end reference)."""
         self._jitter = sample_rate_hz * jitter_ms // 1000
         self._buffer: deque[Samples] = deque()
         self._buffered = 0
@@ -232,13 +240,14 @@ class SpeakerSink:
         out = outdata[:, 0]
         out.fill(0.0)
         with self._buffer_lock:
-            if not self._playing:
-                return
-            filled = drain_into(out, self._buffer)
-            self._buffered -= filled
-            self._played += filled
-            if not self._buffer:
-                self._playing = False  # underrun or end: wait for the jitter buffer again
+            if self._playing:
+                filled = drain_into(out, self._buffer)
+                self._buffered -= filled
+                self._played += filled
+                if not self._buffer:
+                    self._playing = False  # underrun or end: wait for the jitter buffer again
+        if self._on_played is not None:
+            self._on_played(out.copy())
 
     def write(self, samples: Samples) -> None:
         with self._buffer_lock:

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,9 +24,11 @@ from s2s.client.audio import (
     NullSink,
     RecordingSink,
     Sink,
+    Source,
     SpeakerSink,
     list_devices,
 )
+from s2s.client.echo_cancel import EchoCancelledSource, EchoCanceller, EchoCancelOptions
 from s2s.client.keys import InterruptKey
 from s2s.models.errors import ModelUnavailable
 from s2s.server import protocol
@@ -51,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--half-duplex",
         action="store_true",
         help="mute the microphone while a reply plays (speakers without echo cancellation)",
+    )
+    parser.add_argument(
+        "--no-aec",
+        action="store_true",
+        help="do not cancel the speaker's echo in the microphone (on by default when both the "
+        "microphone and the speaker are in use; the server then gates echo by its own estimate)",
+    )
+    parser.add_argument(
+        "--noise-suppression",
+        action="store_true",
+        help="also suppress steady noise (fans, hum) in the microphone, after the echo canceller",
     )
     parser.add_argument(
         "--file",
@@ -88,10 +102,18 @@ class Printer:
         self._as_json = as_json
         self._prompt = "speak now (Ctrl+C to stop)" if from_microphone else "streaming the file"
         self._replying = False
+        # Events come from the receiver and the sender threads: one line each, never two
+        # interleaved on one line (print writes the text and its newline separately).
+        self._lock = threading.Lock()
 
     def __call__(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self._print(event)
+
+    def _print(self, event: dict[str, Any]) -> None:
         if self._as_json:
-            print(json.dumps(event), flush=True)
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
             return
         kind = event.get("type")
         if kind == "ready":
@@ -146,14 +168,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.file is not None and not args.file.is_file():
         print(f"s2s-client: error: no such file: {args.file}", file=sys.stderr)
         return 2
-    source = (
+    playing = args.file is None or args.play
+    # The speaker's echo is cancelled where there is one to cancel: a live microphone beside
+    # a playing speaker.
+    canceller = None
+    if args.file is None and playing and not args.no_aec:
+        try:
+            canceller = EchoCanceller(
+                args.input_rate,
+                args.output_rate,
+                EchoCancelOptions(noise_suppression=args.noise_suppression),
+            )
+        except ValueError as exc:
+            print(f"s2s-client: error: {exc}", file=sys.stderr)
+            return 2
+    source: Source = (
         FileSource(args.file, args.input_rate)
         if args.file
         else MicrophoneSource(args.input_rate, device(args.input_device))
     )
-    playing = args.file is None or args.play
+    if canceller is not None:
+        source = EchoCancelledSource(source, canceller)
     sink: Sink = (
-        SpeakerSink(args.output_rate, device(args.output_device))
+        SpeakerSink(
+            args.output_rate,
+            device(args.output_device),
+            on_played=canceller.reference if canceller is not None else None,
+        )
         if playing
         else NullSink(args.output_rate)
     )
@@ -165,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             half_duplex=args.half_duplex,
             exit_after_reply=args.file is not None,
             ca_file=args.ca_file,
+            echo_cancelled=canceller is not None,
         ),
         source,
         recorder or sink,

@@ -19,6 +19,13 @@ NEGATIVE_THRESHOLD_MARGIN = 0.15
 END_SEARCH_MS = 250
 """Silero's probability trails the audio by two or three windows (~100 ms): the reported end
 is refined by energy within this much audio before the first silent window."""
+START_SEARCH_MS = 100
+"""Silero's probability rises a window or two after the speech began: the reported onset is
+moved back by energy within this much audio before the first speech window, so the minimum
+speech is counted from where the user started (a barge-in is heard that much sooner)."""
+START_LEVEL_DB = -20.0
+"""A frame before the first speech window is speech while its RMS is within this of the
+loudest frame of that window."""
 END_FRAME_MS = 10
 END_LEVEL_DB = -26.0
 """A frame is still speech while its RMS is within this of the segment's loud frames."""
@@ -99,6 +106,7 @@ class VadSegmenter:
         self._confirmed = False
         self._speech_end: int | None = None  # set while silence follows confirmed speech
         self._paused_at: int | None = None  # the speech end a VadPaused was sent for
+        self._onsets_from = 0  # an onset is never moved back before the last segment's end
         self._pause_after = (
             None
             if options.pause_after_ms is None
@@ -120,7 +128,7 @@ class VadSegmenter:
                 self._paused_at = None
                 events.append(VadResumed(window_start))
             if self._speech_start is None:
-                self._speech_start = window_start
+                self._speech_start = self._refine_start(window_start, window_end)
             if not self._confirmed and window_end - self._speech_start >= self._min_speech:
                 self._confirmed = True
                 events.append(VadStarted(self._speech_start))
@@ -182,6 +190,7 @@ class VadSegmenter:
 
     def _end(self, forced: bool) -> VadEnded:
         ended = VadEnded(*self._cut(), forced)
+        self._onsets_from = ended.speech_end_sample_index  # that speech is this segment's
         self._speech_start = None
         self._confirmed = False
         self._speech_end = None
@@ -199,6 +208,29 @@ class VadSegmenter:
             start,
             speech_end,
         )
+
+    def _refine_start(self, window_start: int, window_end: int) -> int:
+        """The first frame, shortly before ``window_start``, of the speech that the window
+        holds: frames back to there are all within START_LEVEL_DB of its loudest frame."""
+        frame = self._options.samples(END_FRAME_MS)
+        begin = max(
+            self._audio_start,
+            self._onsets_from,
+            window_start - self._options.samples(START_SEARCH_MS),
+        )
+        begin = window_start - (window_start - begin) // frame * frame
+        audio = self._audio[begin - self._audio_start : window_end - self._audio_start]
+        frames = len(audio) // frame
+        rms = np.sqrt((audio[: frames * frame].reshape(frames, frame) ** 2).mean(axis=1))
+        before = (window_start - begin) // frame
+        loud = float(rms[before:].max()) if frames > before else 0.0
+        if loud <= 0.0:
+            return window_start
+        floor = loud * 10 ** (START_LEVEL_DB / 20)
+        first = before
+        while first > 0 and rms[first - 1] > floor:
+            first -= 1
+        return window_start - (before - first) * frame
 
     def _refine_end(self, vad_end: int) -> int:
         """The last frame, shortly before ``vad_end``, loud enough to be speech."""

@@ -137,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     option(
         "echo-ratio",
-        "during a reply, speech interrupts only if the mic is louder than this times the "
-        "reply's level (default 0.5, -6 dB; 0: any speech interrupts)",
+        "for clients without echo cancellation, until the session's echo is measured (its "
+        "first 2 s of reply): speech interrupts only if the mic is louder than this times "
+        "the reply's level (default 0.5, -6 dB; 0: no echo gate at all, any speech interrupts)",
         "0.5",
     )
     option(

@@ -65,6 +65,9 @@ class Hello:
     output_sample_rate_hz: int
     pipeline: str = "streaming"
     """``options.pipeline``: one of PIPELINES (the session takes it as ``SessionSetup``)."""
+    echo_cancelled: bool = False
+    """``options.echo_cancelled``: the client removes its speaker's echo from the microphone,
+    so the server needs no echo gate: speech is the user's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +169,14 @@ def _parse_hello(data: dict[str, Any]) -> Hello:
             ErrorCodes.BAD_MESSAGE,
             'hello "options" is an object; its "pipeline" is one of ' + ", ".join(PIPELINES),
         )
-    return Hello(PROTOCOL_VERSION, rates[0], rates[1], pipeline=str(pipeline))
+    echo_cancelled = options.get("echo_cancelled", False)
+    if not isinstance(echo_cancelled, bool):
+        raise ProtocolError(
+            ErrorCodes.BAD_MESSAGE, 'hello "options": "echo_cancelled" is true or false'
+        )
+    return Hello(
+        PROTOCOL_VERSION, rates[0], rates[1], pipeline=str(pipeline), echo_cancelled=echo_cancelled
+    )
 
 
 def check_audio_frame(data: bytes, rate_hz: int | None = None) -> None:
@@ -199,7 +209,12 @@ def playback(turn_id: int, played_ms: float) -> str:
     return json.dumps({"type": "playback", "turn_id": turn_id, "played_ms": round(played_ms, 1)})
 
 
-def hello(input_rate_hz: int, output_rate_hz: int, pipeline: str = "streaming") -> str:
+def hello(
+    input_rate_hz: int,
+    output_rate_hz: int,
+    pipeline: str = "streaming",
+    echo_cancelled: bool = False,
+) -> str:
     """The client's hello as a text frame."""
     return json.dumps(
         {
@@ -207,6 +222,6 @@ def hello(input_rate_hz: int, output_rate_hz: int, pipeline: str = "streaming") 
             "protocol": PROTOCOL_VERSION,
             "input_sample_rate": input_rate_hz,
             "output_sample_rate": output_rate_hz,
-            "options": {"pipeline": pipeline},
+            "options": {"pipeline": pipeline, "echo_cancelled": echo_cancelled},
         }
     )

@@ -45,6 +45,8 @@ class SessionSetup:
     """One of ``protocol.PIPELINES``."""
     vad_overrides: Mapping[str, float] = field(default_factory=dict)
     """``VadOptions`` fields to set for this session (turn detection the client asked for)."""
+    echo_cancelled: bool = False
+    """The client cancels its own echo: no echo gate for this session."""
 
     @property
     def baseline(self) -> bool:
@@ -204,7 +206,12 @@ class V1Wire:
             return self._refusal(ErrorCodes.NOT_READY, "the first message must be hello")
         self._input_rate_hz = parsed.input_sample_rate_hz
         return Start(
-            SessionSetup(parsed.input_sample_rate_hz, parsed.output_sample_rate_hz, parsed.pipeline)
+            SessionSetup(
+                parsed.input_sample_rate_hz,
+                parsed.output_sample_rate_hz,
+                parsed.pipeline,
+                echo_cancelled=parsed.echo_cancelled,
+            )
         )
 
     def _refusal(self, code: str, message: str) -> Refuse:
@@ -221,7 +228,7 @@ class V1Wire:
                 session_id=session_id,
                 input_sample_rate=setup.input_sample_rate_hz,
                 output_sample_rate=setup.output_sample_rate_hz,
-                options={"pipeline": setup.pipeline},
+                options={"pipeline": setup.pipeline, "echo_cancelled": setup.echo_cancelled},
                 models=self._models_info,
             )
         ]

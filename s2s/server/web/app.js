@@ -207,8 +207,14 @@ async function start() {
 
     socket = new WebSocket(socketUrl());
     socket.binaryType = "arraybuffer";
+    // The browser's own echo canceller (when it granted one) keeps the reply out of the
+    // microphone: the server then needs no echo gate of its own.
+    const echoCancelled = stream.getAudioTracks()[0].getSettings().echoCancellation === true;
     socket.onopen = () => {
-      socket.send(JSON.stringify({ type: "hello", protocol: 1, input_sample_rate: rate, output_sample_rate: rate }));
+      socket.send(JSON.stringify({
+        type: "hello", protocol: 1, input_sample_rate: rate, output_sample_rate: rate,
+        options: { echo_cancelled: echoCancelled },
+      }));
     };
     socket.onmessage = (message) => {
       if (typeof message.data === "string") onEvent(JSON.parse(message.data));

@@ -1,0 +1,162 @@
+"""Layer 1 for the server's echo estimate (``s2s/pipeline/echo.py``): a reply of speech-like
+bursts played on a fake clock, its echo through a simulated room, no threads, no models. The
+gate must learn the room (its delay and its loss), then tell a normal voice from the echo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from s2s.client.room import Room, RoomOptions, db_of
+from s2s.pipeline.echo import BLOCK_S, EchoGate, EchoOptions, non_negative_least_squares
+from s2s.pipeline.messages import Samples
+
+RATE = 16_000
+CHUNK = 512  # 32 ms, as the clients send
+START = 100.0  # the fake clock's reading at sample 0
+REPLY_DBFS = -20.0
+
+
+def speech_like(seconds: float, seed: int, dbfs: float) -> Samples:
+    """Noise shaped into syllables (about 4 a second) with pauses between words: an envelope
+    that comes and goes like speech, at ``dbfs`` while it sounds."""
+    rng = np.random.default_rng(seed)
+    n = round(seconds * RATE)
+    envelope = np.zeros(n)
+    at = 0
+    while at < n:
+        syllable = round(rng.uniform(0.12, 0.25) * RATE)
+        shape = np.sin(np.linspace(0, np.pi, syllable)) ** 2
+        envelope[at : at + syllable] = shape[: max(0, min(syllable, n - at))]
+        at += syllable + round(rng.choice([0.03, 0.05, 0.3]) * RATE)
+    noise = rng.standard_normal(n)
+    audio = envelope * noise
+    audio *= 10 ** (dbfs / 20) / np.sqrt(np.mean(audio[envelope > 0.3] ** 2))
+    return audio.astype(np.float32)
+
+
+class Session:
+    """Plays a reply (told to the gate as the server does), hears its echo through a room,
+    and asks the gate about every microphone chunk."""
+
+    def __init__(self, gate: EchoGate, room: RoomOptions, reply: Samples) -> None:
+        self.gate = gate
+        self.room = Room(room, RATE)
+        self.reply = reply
+        self.position = 0
+
+    def run(self, seconds: float, user: Samples | None = None) -> tuple[list[bool], list[bool]]:
+        """``seconds`` more of the reply, with ``user`` spoken over its start: the verdicts
+        on chunks holding only echo, and on chunks where the user's speech is sounding."""
+        on_echo: list[bool] = []
+        on_user: list[bool] = []
+        for k in range(round(seconds * RATE) // CHUNK):
+            played = self.reply[self.position : self.position + CHUNK]
+            if len(played) < CHUNK:
+                played = np.concatenate([played, np.zeros(CHUNK - len(played), np.float32)])
+            at = START + self.position / RATE
+            self.gate.played(played, at, RATE)
+            mic = self.room.echo(played)
+            voice = None
+            if user is not None and k * CHUNK < len(user):
+                voice = user[k * CHUNK : (k + 1) * CHUNK]
+                mic = mic.copy()
+                mic[: len(voice)] += voice
+            self.position += CHUNK
+            louder = self.gate.louder_than_echo(mic, START + self.position / RATE, RATE)
+            if voice is not None and user is not None and db_of(voice) > db_of(user) - 10:
+                on_user.append(louder)
+            elif voice is None:
+                on_echo.append(louder)
+        return on_echo, on_user
+
+
+ROOM = RoomOptions(delay_ms=120, reverb_ms=200, echo_db=-10)
+
+
+def test_the_echo_path_is_measured_then_used() -> None:
+    """The fixed rule stands in until 2 s of echo were heard; the fitted path then peaks at
+    the room's delay and its total loss is the room's -10 dB."""
+    gate = EchoGate()
+    session = Session(gate, ROOM, speech_like(30, seed=1, dbfs=REPLY_DBFS))
+    session.run(1.5)
+    assert not gate.measured
+    session.run(4.0)
+    assert gate.measured
+    response = gate._response  # echo power per lag (20 ms steps), then the noise floor
+    assert response is not None
+    peak_lag_ms = float(np.argmax(response[:-1])) * BLOCK_S * 1000
+    print(
+        f"echo path peaks at {peak_lag_ms:.0f} ms, loss {10 * np.log10(response[:-1].sum()):.1f} dB"
+    )
+    assert 80 <= peak_lag_ms <= 200
+    assert -13 <= 10 * np.log10(response[:-1].sum()) <= -7
+
+
+@pytest.mark.parametrize("echo_db,user_dbfs", [(-10, -26), (-10, -20), (-20, -30), (-20, -26)])
+def test_a_normal_voice_stands_above_the_measured_echo(echo_db: float, user_dbfs: float) -> None:
+    """After the estimate, the reply's echo alone is (almost) never taken for the user, and a
+    user speaking at a normal level over it is, in most of the chunks where they sound."""
+    gate = EchoGate()
+    room = RoomOptions(delay_ms=120, reverb_ms=200, echo_db=echo_db)
+    session = Session(gate, room, speech_like(40, seed=2, dbfs=REPLY_DBFS))
+    session.run(6.0)
+    on_echo, _ = session.run(10.0)
+    _, on_user = session.run(3.0, user=speech_like(2.0, seed=3, dbfs=user_dbfs))
+    echo_rate, user_rate = np.mean(on_echo), np.mean(on_user)
+    print(
+        f"echo {echo_db} dB, user {user_dbfs} dBFS: echo chunks louder {echo_rate:.1%}, "
+        f"user chunks louder {user_rate:.1%}"
+    )
+    assert echo_rate <= 0.03
+    assert user_rate >= 0.6
+
+
+def test_the_estimate_hears_a_voice_the_fixed_rule_takes_for_echo() -> None:
+    """What the estimate fixes: the same user at -26 dBFS over -10 dB of echo, with learning
+    off (the old -6 dB rule) and on."""
+    rates = {}
+    for learn in (False, True):
+        gate = EchoGate(EchoOptions(learn=learn))
+        session = Session(gate, ROOM, speech_like(30, seed=2, dbfs=REPLY_DBFS))
+        session.run(6.0)
+        assert gate.measured == learn
+        _, on_user = session.run(3.0, user=speech_like(2.0, seed=3, dbfs=-26))
+        rates[learn] = float(np.mean(on_user))
+    print(f"user chunks louder: fixed rule {rates[False]:.1%}, estimate {rates[True]:.1%}")
+    assert rates[True] - rates[False] >= 0.3
+
+
+def test_no_echo_at_all_lets_a_quiet_voice_through() -> None:
+    """A microphone that hears none of the reply (a headset): the estimate learns that, and a
+    user at -40 dBFS counts as the user's speech."""
+    gate = EchoGate()
+    session = Session(gate, RoomOptions(echo_db=-200), speech_like(30, seed=4, dbfs=REPLY_DBFS))
+    session.run(4.0)
+    assert gate.measured
+    _, on_user = session.run(3.0, user=speech_like(2.0, seed=5, dbfs=-40))
+    assert np.mean(on_user) >= 0.9
+
+
+def test_the_reply_stopping_ends_its_echo() -> None:
+    """After ``silence_reply`` (an interruption), nothing is expected any more: no reply is
+    playing and any sound counts."""
+    gate = EchoGate()
+    session = Session(gate, ROOM, speech_like(30, seed=6, dbfs=REPLY_DBFS))
+    session.run(4.0)
+    now = START + session.position / RATE
+    assert gate.reply_playing(now - 0.1, now)
+    gate.silence_reply()
+    assert not gate.reply_playing(now - 0.1, now)
+    assert gate.expected_echo(CHUNK / RATE, now) == pytest.approx(gate._response[-1], abs=1e-9)  # type: ignore[index]
+
+
+def test_non_negative_least_squares_recovers_a_known_path() -> None:
+    rng = np.random.default_rng(7)
+    rows = rng.random((400, 12))
+    truth = np.zeros(12)
+    truth[[3, 4, 5]] = [0.5, 0.25, 0.1]
+    targets = rows @ truth + 0.001 * rng.random(400)
+    found = non_negative_least_squares(rows, targets)
+    assert (found >= 0).all()
+    assert np.allclose(found, truth, atol=0.02)
