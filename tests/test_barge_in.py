@@ -179,8 +179,8 @@ def test_speaking_over_the_reply_interrupts_it(
 def test_a_normal_voice_interrupts_over_the_echo(
     server: Running, speak: Callable[[str], Samples], aec: bool, user_dbfs: float
 ) -> None:
-    """The user at a normal level (quieter than the reply, which comes back at -10 dB through
-    the room) speaks 3 s into a long reply: it is interrupted, and the question is the next
+    """The user at -20 dBFS (about the reply's own level; its echo comes back at -10 dB
+    through the room) speaks 3 s into a long reply: it is interrupted, and the question is the next
     turn. Without AEC the server has measured the echo by then; with it, no gate applies."""
     user = ScriptedUser(server.url, room=ROOM, aec=aec)
     try:
