@@ -42,7 +42,7 @@ from s2s.models.profiles import LoadedModels, load_models, profile_for  # noqa: 
 from s2s.pipeline.history import ChatMessage  # noqa: E402
 from s2s.pipeline.messages import Samples  # noqa: E402
 from s2s.server.assembly import build_session_pipeline  # noqa: E402
-from tests.scripted_user import RATE_HZ, ScriptedUser  # noqa: E402
+from tests.scripted_user import RATE_HZ, ScriptedUser, leading_silence_s  # noqa: E402
 from tests.servers import Running  # noqa: E402
 
 LONG_REPLY = (
@@ -92,14 +92,6 @@ def speaker(models: LoadedModels) -> Callable[[str], Samples]:
     return say
 
 
-def speech_onset_s(samples: Samples) -> float:
-    """Where speech starts in a clip: the first 10 ms frame above 1% of its peak."""
-    frame = RATE_HZ // 100
-    frames = len(samples) // frame
-    levels = np.abs(samples[: frames * frame]).reshape(frames, frame).max(axis=1)
-    return float(np.argmax(levels > 0.01 * levels.max())) * frame / RATE_HZ
-
-
 def room_for(echo_db: float, rng: random.Random) -> RoomOptions:
     return RoomOptions(
         delay_ms=rng.uniform(50, 150), reverb_ms=200, echo_db=echo_db, seed=rng.randrange(10**6)
@@ -138,7 +130,7 @@ def interruptions(
             ):
                 time.sleep(0.02)
             if len(user.interrupted_at) > count and spoken.first_sent_at is not None:
-                onset = spoken.first_sent_at + speech_onset_s(question)
+                onset = spoken.first_sent_at + leading_silence_s(question)
                 delays_ms.append((user.interrupted_at[count] - onset) * 1000.0)
                 missed_at.append(None)
                 started = [r for r in user.events("speech_started") if r.at > spoken.at]

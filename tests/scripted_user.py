@@ -195,3 +195,11 @@ class ScriptedUser:
             self.interrupted_at.append(now)
             played_ms = 1000.0 * (self._played_total - self._reply_start_played) / RATE_HZ
             self._connection.send(protocol.playback(event.get("turn_id", -1), played_ms))
+
+
+def leading_silence_s(samples: Samples) -> float:
+    """Where speech starts in a clip: the first 10 ms frame above 1% of its peak."""
+    frame = RATE_HZ // 100
+    frames = len(samples) // frame
+    levels = np.abs(samples[: frames * frame]).reshape(frames, frame).max(axis=1)
+    return float(np.argmax(levels > 0.01 * levels.max())) * frame / RATE_HZ

@@ -19,7 +19,7 @@ from s2s.pipeline.history import INTERRUPTED_MARK, ChatMessage, HistoryOptions
 from s2s.pipeline.messages import Samples
 from s2s.pipeline.pipeline import Pipeline
 from s2s.server.assembly import build_session_pipeline
-from tests.scripted_user import RATE_HZ, ScriptedUser
+from tests.scripted_user import RATE_HZ, ScriptedUser, leading_silence_s
 from tests.servers import Running
 
 pytestmark = pytest.mark.models
@@ -107,14 +107,6 @@ def speak(cpu_models: LoadedModels) -> Callable[[str], Samples]:
         return resample(audio, voice.sample_rate_hz, RATE_HZ)
 
     return spoken
-
-
-def leading_silence_s(samples: Samples) -> float:
-    """Where speech starts in a clip: the first 10 ms frame above 1% of its peak."""
-    frame = RATE_HZ // 100
-    frames = len(samples) // frame
-    levels = np.abs(samples[: frames * frame]).reshape(frames, frame).max(axis=1)
-    return float(np.argmax(levels > 0.01 * levels.max())) * frame / RATE_HZ
 
 
 def words(text: str) -> list[str]:
