@@ -8,6 +8,8 @@ reply's power a moment earlier: a non-negative response over lags of 0 to ``max_
 reverberation), i.e. the echo return loss per lag. Speech is the user's when the microphone
 stands clearly above the echo that this estimate expects from the reply just played: above
 the worst echo-to-estimate ratio seen while learning (its 98th percentile) times ``margin``.
+It learns only from chunks at least LEARN_GUARD_S away from any louder one, so that the
+quieter moments of a user talking over the reply are not taken for echo.
 
 Until enough echo has been measured (``min_fit_s`` of reply playing), a fixed Geigel-style
 rule stands in: louder than ``ratio`` times the loudest reply audio played within
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,12 +37,16 @@ ROWS_KEPT = 640
 """Echo measurements (one per microphone chunk) the fit uses: about 20 s at 32 ms chunks."""
 REFIT_EVERY = 16
 """New measurements between two fits (about half a second)."""
+LEARN_GUARD_S = 0.3
+"""Echo is learned only this far from any moment louder than the echo: the user's quieter
+syllables around their louder ones are not echo, and learned as echo they would raise the bar
+for the next interruption (each barge-in taught the gate a little of the user's voice)."""
 LOUDEST_BLOCKS = 5
 """The fixed rule compares with the reply's power over 100 ms."""
 FLOOR_POWER = 1e-8
+"""Power (-80 dBFS) under which there is no reply to speak of, and nothing to tell apart."""
 AUDIBLE_ECHO_POWER = 1e-6
 """An expected echo above -60 dBFS: where the margin over the echo is calibrated."""
-"""Power (-80 dBFS) under which there is no reply to speak of, and nothing to tell apart."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +95,9 @@ class EchoGate:
         self._targets = np.zeros(ROWS_KEPT)
         self._rows_seen = 0
         self._learned_s = 0.0
+        # Measurements waiting out LEARN_GUARD_S: (ends_at, features, microphone power, s).
+        self._pending: deque[tuple[float, np.ndarray, float, float]] = deque()
+        self._quiet_from = -math.inf  # no learning before this (just after a louder moment)
         self._response: np.ndarray | None = None  # echo power per reply power per lag; noise
         self._worst_ratio = 0.0
         self.fits = 0
@@ -113,6 +123,7 @@ class EchoGate:
         """The reply stopped (interrupted): nothing of it plays any more."""
         with self._lock:
             self._far_block.fill(-1)
+            self._pending.clear()  # the user spoke up: what came just before may hold them
 
     # --- the microphone ---------------------------------------------------------------------
 
@@ -144,8 +155,8 @@ class EchoGate:
                 expected = float(self._response @ features)
                 excess = max(self.options.min_excess, self.options.margin * self._worst_ratio)
                 louder = mic > excess * expected + FLOOR_POWER
-            if not louder and self.options.learn and features[:-1].sum() > FLOOR_POWER:
-                self._learn(features, mic, len(samples) / sample_rate_hz)
+            if self.options.learn:
+                self._guarded_learn(louder, features, mic, starts_at, received_at)
         return louder
 
     def reply_playing(self, since: float, now: float) -> bool:
@@ -177,6 +188,21 @@ class EchoGate:
         sums = np.concatenate([[0.0], np.cumsum(envelope)])
         ends = np.arange(len(envelope), len(envelope) - self._lags, -1)  # lag 0, 1, ...
         return np.append((sums[ends] - sums[ends - width]) / width, 1.0)
+
+    def _guarded_learn(
+        self, louder: bool, features: np.ndarray, mic: float, starts_at: float, ends_at: float
+    ) -> None:
+        """Learn the chunks that hold only echo: not louder than it, and not within
+        LEARN_GUARD_S of a chunk that was."""
+        if louder:
+            while self._pending and self._pending[-1][0] > starts_at - LEARN_GUARD_S:
+                self._pending.pop()
+            self._quiet_from = ends_at + LEARN_GUARD_S
+        elif starts_at >= self._quiet_from and features[:-1].sum() > FLOOR_POWER:
+            self._pending.append((ends_at, features, mic, ends_at - starts_at))
+        while self._pending and self._pending[0][0] <= ends_at - LEARN_GUARD_S:
+            _, old_features, old_mic, duration_s = self._pending.popleft()
+            self._learn(old_features, old_mic, duration_s)
 
     def _learn(self, features: np.ndarray, mic: float, duration_s: float) -> None:
         row = self._rows_seen % ROWS_KEPT
