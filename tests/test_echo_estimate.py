@@ -75,11 +75,11 @@ ROOM = RoomOptions(delay_ms=120, reverb_ms=200, echo_db=-10)
 
 
 def test_the_echo_path_is_measured_then_used() -> None:
-    """The fixed rule stands in until 2 s of echo were heard; the fitted path then peaks at
+    """The fixed rule stands in until 1 s of echo was heard; the fitted path then peaks at
     the room's delay and its total loss is the room's -10 dB."""
     gate = EchoGate()
     session = Session(gate, ROOM, speech_like(30, seed=1, dbfs=REPLY_DBFS))
-    session.run(1.5)
+    session.run(0.8)
     assert not gate.measured
     session.run(4.0)
     assert gate.measured

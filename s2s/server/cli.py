@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     option(
         "echo-ratio",
         "for clients without echo cancellation, until the session's echo is measured (its "
-        "first 2 s of reply): speech interrupts only if the mic is louder than this times "
+        "first second of reply): speech interrupts only if the mic is louder than this times "
         "the reply's level (default 0.5, -6 dB; 0: no echo gate at all, any speech interrupts)",
         "0.5",
     )
