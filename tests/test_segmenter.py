@@ -226,3 +226,35 @@ def test_the_onset_is_moved_back_to_where_the_voice_began() -> None:
     assert [e.sample_index for e in events if isinstance(e, VadStarted)] == [onset]
     assert confirmed_at is not None and confirmed_at - onset >= options.samples(300)
     assert confirmed_at < 6 * WINDOW + options.samples(300)  # sooner than from window 6
+
+
+def onset_after(lead_in: list[float]) -> int:
+    """Silence, then 10 ms frames at these levels (relative to the voice) just before the
+    window the VAD first calls speech (window 20), then the voice: where the onset lands."""
+    options = VadOptions(min_speech_ms=300, min_silence_ms=300, speech_pad_ms=100)
+    frame = 160
+    audio = np.zeros(40 * WINDOW, dtype=np.float32)
+    voice_from = 20 * WINDOW
+    for k, level in enumerate(reversed(lead_in), start=1):
+        audio[voice_from - k * frame : voice_from - (k - 1) * frame] = level * LOUD
+    audio[voice_from:] = LOUD
+    segmenter = VadSegmenter(options)
+    events: list[VadEvent] = []
+    for index in range(40):
+        window = audio[index * WINDOW : (index + 1) * WINDOW]
+        events += segmenter.push(window, index * WINDOW, 0.9 if index >= 20 else 0.1)
+    starts = [e.sample_index for e in events if isinstance(e, VadStarted)]
+    assert len(starts) == 1
+    return voice_from - starts[0]
+
+
+def test_the_onset_takes_in_frames_within_20_db_of_the_voice_and_no_more() -> None:
+    """Frames 10 ms each, counted back from the VAD's first speech window: those within
+    START_LEVEL_DB (-20 dB: 0.1 in amplitude) of the voice's loudest frame join the onset,
+    the first one under it stops the search, and it reaches back 100 ms at most."""
+    assert onset_after([0.5]) == 160
+    assert onset_after([0.105, 0.5]) == 320
+    assert onset_after([0.095, 0.105, 0.5]) == 320  # 0.095 is under -20 dB
+    assert onset_after([0.5, 0.095, 0.5, 0.5]) == 320  # a quiet frame ends the search
+    assert onset_after([0.5] * 15) == 1600  # a voice that began long before: 100 ms back
+    assert onset_after([0.09] * 15) == 0  # all under -20 dB: the VAD's window stands
