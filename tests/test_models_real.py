@@ -12,6 +12,7 @@ import pytest
 
 from s2s.models.llm import ChatBackend, TransformersChat
 from s2s.models.profiles import LoadedModels
+from s2s.models.stt import WhisperTranscriber, fitted_window_s
 from s2s.models.tts import PiperSynthesizer
 from s2s.models.vad import StreamingVad
 from s2s.pipeline.messages import AudioChunk, Event, Message, ReplyAudio, StageError, TurnMetrics
@@ -67,6 +68,31 @@ def test_stt_transcribes_the_question(cpu_models: LoadedModels) -> None:
     text = cpu_models.stt.transcribe(audio)
     print(f"transcript: {text!r}")
     assert {"capital", "france"} <= set(words(text))
+
+
+def test_stt_fitted_window_hears_what_the_full_window_hears(cpu_models: LoadedModels) -> None:
+    """The question in a 10 s encoder window: the same words as in Whisper's 30 s window."""
+    audio, _ = speech_with_silence(cpu_models, QUESTION)
+    stt = cpu_models.stt
+    assert isinstance(stt, WhisperTranscriber) and stt.fitted is not None  # the CPU default
+    window_s = fitted_window_s(len(audio))
+    assert window_s == 10
+    fitted_text = stt.fitted.decode(audio, window_s)
+    full_text = stt.transcribe_full_window(audio)
+    print(f"fitted: {fitted_text!r}, full: {full_text!r}")
+    assert fitted_text is not None
+    assert words(fitted_text) == words(full_text)
+    assert {"capital", "france"} <= set(words(fitted_text))
+
+
+def test_stt_fitted_window_hears_no_words_in_silence(cpu_models: LoadedModels) -> None:
+    """A second of silence and one of faint noise: no text, decided in the fitted window."""
+    stt = cpu_models.stt
+    assert isinstance(stt, WhisperTranscriber) and stt.fitted is not None
+    fitted = stt.fitted
+    noise = np.random.default_rng(3).standard_normal(16_000).astype(np.float32) * 0.003
+    assert fitted.decode(np.zeros(16_000, dtype=np.float32), 10) == ""
+    assert fitted.decode(noise, 10) == ""
 
 
 @pytest.fixture(scope="module", params=["ctranslate2", "transformers"])

@@ -33,3 +33,16 @@ def test_every_option_can_come_from_an_s2s_variable(monkeypatch: pytest.MonkeyPa
     assert (config.max_sessions, config.max_opening) == (7, 3)
     assert config.limits.idle_timeout_s == 300.0
     assert config_for(["--max-sessions", "2"]).max_sessions == 2
+
+
+def test_stt_window_picks_the_fitted_window_the_full_one_or_the_device_default() -> None:
+    """--stt-window fitted|full|auto maps to fitted_window True|False|None (cpu only)."""
+
+    def fitted_window(argv: list[str]) -> bool | None:
+        return profile_from_args(
+            build_parser().parse_args(["--device", "cpu", *argv])
+        ).stt.fitted_window
+
+    assert fitted_window([]) is None
+    assert fitted_window(["--stt-window", "fitted"]) is True
+    assert fitted_window(["--stt-window", "full"]) is False
