@@ -10,11 +10,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from s2s.models.llm import ChatBackend, TransformersChat
+from s2s.models.llm import ChatBackend, Ctranslate2Chat, TransformersChat
 from s2s.models.profiles import LoadedModels
 from s2s.models.stt import WhisperTranscriber, fitted_window_s
 from s2s.models.tts import PiperSynthesizer
 from s2s.models.vad import StreamingVad
+from s2s.pipeline.history import ChatMessage
 from s2s.pipeline.messages import AudioChunk, Event, Message, ReplyAudio, StageError, TurnMetrics
 from s2s.pipeline.pipeline import Pipeline
 from s2s.pipeline.segmenter import VadEnded, VadOptions, VadStarted
@@ -141,6 +142,20 @@ def test_llm_streams_an_answer_with_paris(llm: ChatBackend) -> None:
     print(f"answer: {answer!r}")
     assert len(deltas) > 1
     assert "paris" in answer.lower()
+
+
+def test_llm_answers_the_same_with_the_system_prompt_cached(cpu_models: LoadedModels) -> None:
+    """CTranslate2 greedy: the same answer with the system prompt's state cached as without."""
+    cached = cpu_models.llm
+    assert isinstance(cached, Ctranslate2Chat) and cached.options.cached_system_prompts > 0
+    uncached = Ctranslate2Chat.load(replace(cached.options, cached_system_prompts=0))
+    messages: list[ChatMessage] = [
+        {"role": "system", "content": "You are a helpful assistant. Answer in one sentence."},
+        {"role": "user", "content": QUESTION},
+    ]
+    answers = ["".join(chat.stream(messages, lambda: False)) for chat in (uncached, cached, cached)]
+    print(answers)
+    assert answers[0] and answers[0] == answers[1] == answers[2]
 
 
 def test_llm_stops_within_one_step_on_cancel(llm: ChatBackend) -> None:
