@@ -246,11 +246,7 @@ class Ctranslate2Chat:
     replies; more concurrent calls than that queue inside CTranslate2."""
 
     def __init__(
-        self,
-        generator: Any,
-        tokenizer: Any,
-        stop_tokens: list[str],
-        options: LlmOptions,
+        self, generator: Any, tokenizer: Any, stop_tokens: list[str], options: LlmOptions
     ) -> None:
         self._generator = generator
         self._tokenizer = tokenizer
