@@ -110,7 +110,8 @@ def compression_ratio(text: str) -> float:
 class FittedWindow:
     """Decoding of one clip in a window fitted to its length, with CTranslate2's Whisper
     directly (faster-whisper pads every clip to 30 s). ``decode`` says None where faster-whisper
-    would retry at a higher temperature, so the caller can run the full path instead."""
+    would retry at a higher temperature, or where it hears words in what is probably not
+    speech, so the caller can run the full path instead."""
 
     def __init__(
         self, whisper: object, tokenizer: object, suppress_tokens: list[int], beam_size: int
