@@ -53,7 +53,7 @@ class SttOptions:
     concurrency: int = 1
     """Transcriptions served at once (faster-whisper's num_workers): the session limit."""
     fitted_window: bool | None = None
-    """Encode a clip shorter than 28 s in a window fitted to it (10, 15, 20 or 25 s) instead of
+    """Encode a clip of up to 23 s in a window fitted to it (10, 15, 20 or 25 s) instead of
     Whisper's fixed 30 s, falling back to the full window when the text looks unreliable.
     None: on cpu only, where the encoder's cost grows with the window (tiny.en, 2 cores: 360 ms
     for 30 s, 43 ms for 10 s); on a GPU the 30 s window costs about 20 ms."""
