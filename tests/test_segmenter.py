@@ -114,6 +114,31 @@ def test_a_blip_shorter_than_min_speech_is_ignored() -> None:
     assert run([0.0] * 5 + [0.9] * 2 + [0.0] * 20, VadOptions(min_speech_ms=250)) == []
 
 
+def test_a_dip_shorter_than_the_onset_gap_keeps_the_onset() -> None:
+    """Three windows (96 ms) of low probability inside the first 300 ms of speech, as an echo
+    canceller turning the voice down makes: speech counts from its first window all the same."""
+    options = VadOptions(min_speech_ms=300, onset_gap_ms=100, speech_pad_ms=0)
+    events = run([0.0] * 5 + [0.9] * 3 + [0.0] * 3 + [0.9] * 10 + [0.0] * 40, options)
+    started = [e for e in events if isinstance(e, VadStarted)]
+    assert [e.sample_index for e in started] == [5 * WINDOW]
+
+
+def test_a_dip_longer_than_the_onset_gap_starts_the_count_again() -> None:
+    """Four windows (128 ms) of low probability: what came before was a blip, and speech
+    counts from where it came back."""
+    options = VadOptions(min_speech_ms=300, onset_gap_ms=100, speech_pad_ms=0)
+    events = run([0.0] * 5 + [0.9] * 3 + [0.0] * 4 + [0.9] * 12 + [0.0] * 40, options)
+    started = [e for e in events if isinstance(e, VadStarted)]
+    assert [e.sample_index for e in started] == [12 * WINDOW]
+
+
+def test_only_a_speech_window_confirms_the_onset() -> None:
+    """Nine windows (288 ms) of speech and then a dip: the dip spans past 300 ms from the
+    onset but is not speech, so a cough this long never counts."""
+    options = VadOptions(min_speech_ms=300, onset_gap_ms=100, speech_pad_ms=0)
+    assert run([0.0] * 5 + [0.9] * 9 + [0.0] * 40, options) == []
+
+
 def test_a_short_pause_does_not_end_the_turn() -> None:
     """A pause shorter than min_silence_ms keeps one segment."""
     options = VadOptions(min_speech_ms=100, min_silence_ms=500, speech_pad_ms=0)

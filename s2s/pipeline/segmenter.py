@@ -37,6 +37,11 @@ class VadOptions:
     min_speech_ms: int = 300
     """Speech must last this long before it counts (and ``speech started`` is reported):
     it is also the shortest speech that interrupts a reply, so coughs and blips do not."""
+    onset_gap_ms: int = 100
+    """Before speech counts, a dip of the probability shorter than this does not start the
+    count again: a stop consonant, or an echo canceller turning the voice down for a moment
+    while the reply plays (Silero's own iterator lets 100 ms of silence pass within speech).
+    The count is still confirmed only by a speech window."""
     min_silence_ms: int = 500
     """Silence after speech that ends the turn."""
     speech_pad_ms: int = 100
@@ -98,11 +103,13 @@ class VadSegmenter:
         self._negative_threshold = max(0.0, options.threshold - NEGATIVE_THRESHOLD_MARGIN)
         self._pad = options.samples(options.speech_pad_ms)
         self._min_speech = options.samples(options.min_speech_ms)
+        self._onset_gap = options.samples(options.onset_gap_ms)
         self._min_silence = options.samples(options.min_silence_ms)
         self._max_speech = int(options.max_speech_s * VAD_SAMPLE_RATE_HZ)
         self._audio = np.zeros(0, dtype=np.float32)
         self._audio_start = 0  # stream index of self._audio[0]
         self._speech_start: int | None = None  # a candidate or confirmed onset
+        self._gap_start: int | None = None  # where a dip within a candidate onset began
         self._confirmed = False
         self._speech_end: int | None = None  # set while silence follows confirmed speech
         self._paused_at: int | None = None  # the speech end a VadPaused was sent for
@@ -124,6 +131,7 @@ class VadSegmenter:
         events: list[VadEvent] = []
         if probability >= self._options.threshold:
             self._speech_end = None
+            self._gap_start = None
             if self._confirmed and self._paused_at is not None:
                 self._paused_at = None
                 events.append(VadResumed(window_start))
@@ -134,7 +142,11 @@ class VadSegmenter:
                 events.append(VadStarted(self._speech_start))
         elif probability < self._negative_threshold and self._speech_start is not None:
             if not self._confirmed:
-                self._speech_start = None  # a blip shorter than min_speech_ms
+                if self._gap_start is None:
+                    self._gap_start = window_start
+                if window_end - self._gap_start > self._onset_gap:
+                    self._speech_start = None  # a blip shorter than min_speech_ms
+                    self._gap_start = None
             elif self._speech_end is None:
                 # Silence is counted from where the speech really stopped, not from where the
                 # model's probability fell (two or three windows later).
