@@ -6,7 +6,8 @@ on the CPU defaults (Silero VAD, faster-whisper, Piper; the LLM is a fixed long 
 that every reply is long and the figures do not depend on what a 135M model says). Its
 speaker reaches its microphone through a room (``s2s/client/room.py``): a delay of 50-150 ms,
 a 200 ms exponential reverberation tail, an echo of -10 or -20 dB. With ``aec`` the client
-cancels the echo (WebRTC AEC3, ``s2s/client/echo_cancel.py``) and says so in hello; without,
+cancels the echo (``s2s/client/echo_cancel.py``: AEC3, with speexdsp ahead of it while the
+user talks over a reply) and says so in hello; without,
 the server's echo estimate decides.
 
 For each case, 10 interruptions at random moments (0.5-4 s) of long replies: the user's
@@ -235,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         "--aec", choices=("both", "yes", "no"), default="both", help="with the client's AEC"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/barge-in-room.json")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=("barge-in", "echo alone", "cough"),
+        default=["barge-in", "echo alone", "cough"],
+        help="which cases to run",
+    )
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
 
@@ -290,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                         ),
                     )
                 )
+    # Every case's room and seed are drawn above whichever kinds run, so that a case run alone
+    # meets the same room and moments as in the full run.
+    jobs = [(case, job) for case, job in jobs if case["kind"] in args.kinds]
     results: list[dict[str, Any]] = []
     results_lock = threading.Lock()
     pending = list(jobs)

@@ -55,7 +55,7 @@ class ScriptedUser:
     room: RoomOptions | None = None
     """Instead of ``echo_gain``: the speaker reaches the microphone through this room."""
     aec: bool = False
-    """Cancel the echo in the client (WebRTC's AEC), and say so in hello."""
+    """Cancel the echo in the client (as s2s-client does), and say so in hello."""
     received: list[Received] = field(default_factory=list)
     echo_power_in: list[float] = field(default_factory=list)
     """Per frame while the user is silent and a reply plays: the echo's power at the

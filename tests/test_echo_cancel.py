@@ -1,13 +1,25 @@
-"""Layer 2 for the client's echo canceller: WebRTC's AEC3 (the ``livekit`` wheel) on a
-simulated room, no sound card. It must remove the reply's echo and keep the user's voice."""
+"""Layer 2 for the client's echo canceller: WebRTC's AEC3 (the ``livekit`` wheel) and the
+chain that keeps the voice (speexdsp through ``pyaec``, then AEC3) on a simulated room, no
+sound card. It must remove the reply's echo and keep the user's voice."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import pytest
 
 from s2s.client.audio import SpeakerSink
-from s2s.client.echo_cancel import MAX_REFERENCE_S, EchoCancelledSource, EchoCanceller
+from s2s.client.cli import canceller_options
+from s2s.client.echo_cancel import (
+    CONVERGE_S,
+    MAX_REFERENCE_S,
+    NEAR_END_HOLD_S,
+    EchoCancelledSource,
+    EchoCanceller,
+    EchoCancelOptions,
+    VoiceSwitch,
+)
 from s2s.client.room import Room, RoomOptions, db_of
 from s2s.pipeline.messages import Samples
 from tests.test_echo_estimate import speech_like
@@ -55,6 +67,151 @@ def test_the_echo_is_removed_and_the_voice_kept(echo_db: float) -> None:
     print(f"echo {echo_db} dB: ERLE {erle:.1f} dB; the user's voice {kept:+.1f} dB")
     assert erle >= 20.0
     assert kept >= -10.0
+
+
+BLOCKS_PER_S = 100  # the canceller's 10 ms blocks
+
+
+def switched(voiced: list[bool], reply_s: float = 3.0) -> list[bool]:
+    """The switch's choice per block for ``voiced``, spoken over a reply that has played
+    ``reply_s`` before it and goes on playing."""
+    switch = VoiceSwitch()
+    for _ in range(round(reply_s * BLOCKS_PER_S)):
+        assert not switch.step(reply_playing=True, voiced=False)
+    return [switch.step(reply_playing=True, voiced=v) for v in voiced]
+
+
+def test_a_cough_sends_the_chain_only_tentatively() -> None:
+    """150 ms of voice: the chain for those blocks and 100 ms after, never the full hold."""
+    sent = switched([True] * 15 + [False] * 100)
+    assert sent == [True] * 25 + [False] * 90
+
+
+def test_a_voice_that_goes_on_holds_the_chain_over_its_pauses() -> None:
+    """The plain AEC3 lets a talking user through now and then (every 60 ms here): past
+    VOICE_CONFIRM_S the chain is sent throughout, and for NEAR_END_HOLD_S after the last."""
+    voiced = ([True] + [False] * 5) * 10 + [False] * 100
+    sent = switched(voiced)
+    last_voiced = 54
+    assert all(sent[: last_voiced + 1])
+    assert sent.index(False, last_voiced) == last_voiced + 1 + round(NEAR_END_HOLD_S * BLOCKS_PER_S)
+
+
+def test_the_switch_waits_for_the_room_to_be_learned_and_for_a_reply() -> None:
+    """Before CONVERGE_S of reply audio, and with no reply audio for over half a second,
+    the plain AEC3 is sent whatever it lets through."""
+    assert not any(switched([True] * 50, reply_s=CONVERGE_S - 0.6))
+    switch = VoiceSwitch()
+    for _ in range(round(3 * BLOCKS_PER_S)):
+        switch.step(reply_playing=True, voiced=False)
+    for _ in range(60):
+        switch.step(reply_playing=False, voiced=False)
+    assert not any(switch.step(reply_playing=False, voiced=True) for _ in range(50))
+
+
+LOUD_ECHO = RoomOptions(delay_ms=100, reverb_ms=200, echo_db=-10)
+
+
+def voice_over_loud_echo(keep_voice: bool, seed: int) -> tuple[float, float, list[float]]:
+    """A voice at -30 dBFS over the reply's echo 10 dB under it (as loud as the voice), 8 s
+    into the reply: the echo removed while only echo came in (dB), the voice's level in the
+    output against what was spoken (dB), and when (s) each block of the chain was sent."""
+    canceller = EchoCanceller(RATE, RATE, EchoCancelOptions(keep_voice=keep_voice))
+    canceller.start()
+    reply = speech_like(12.0, seed=seed, dbfs=-20)
+    user = np.zeros_like(reply)
+    voice = speech_like(2.0, seed=seed + 1, dbfs=-30)
+    user[8 * RATE : 10 * RATE] = voice
+    room = Room(LOUD_ECHO, RATE)
+    echoes, outs, chain_sent_at = [], [], []
+    for start in range(0, len(reply) - FRAME + 1, FRAME):
+        played = reply[start : start + FRAME]
+        canceller.reference(played)
+        echo = room.echo(played)
+        before = canceller.voice_kept_blocks
+        outs.append(canceller.cancel(echo + user[start : start + FRAME]))
+        echoes.append(echo)
+        if canceller.voice_kept_blocks > before:
+            chain_sent_at.append(start / RATE)
+    echo, out = np.concatenate(echoes), np.concatenate(outs)
+    alone = slice(2 * RATE, 8 * RATE)
+    talk = slice(8 * RATE + 160, 10 * RATE + 160)
+    return db_of(echo[alone]) - db_of(out[alone]), db_of(out[talk]) - db_of(voice), chain_sent_at
+
+
+def test_a_voice_as_loud_as_the_echo_is_kept_by_the_chain() -> None:
+    """AEC3 alone turns such a voice down with the echo (its suppressor); the chain keeps
+    more of it, from the voice's first syllable to NEAR_END_HOLD_S after its last, and only
+    then. Three replies and voices; the echo is removed as well either way."""
+    kept: dict[bool, list[float]] = {True: [], False: []}
+    for seed in (11, 21, 31):
+        for keep_voice in (False, True):
+            erle, level, sent_at = voice_over_loud_echo(keep_voice, seed)
+            print(
+                f"seed {seed}, keep_voice {keep_voice}: ERLE {erle:.1f} dB, voice {level:+.1f} dB"
+            )
+            assert erle >= 30.0
+            kept[keep_voice].append(level)
+            if keep_voice:
+                assert 8.0 <= sent_at[0] <= 8.2  # at the voice's first syllable
+                assert sent_at[-1] <= 10.0 + NEAR_END_HOLD_S
+            else:
+                assert sent_at == []
+    assert np.mean(kept[True]) >= np.mean(kept[False]) + 1.5
+    assert min(kept[True]) >= -6.0
+
+
+def test_the_echo_alone_never_sends_the_chain() -> None:
+    """Twelve seconds of reply with nobody speaking: AEC3's output alone, always."""
+    canceller = EchoCanceller(RATE, RATE)
+    canceller.start()
+    echo, _, out = through_the_room(canceller, LOUD_ECHO, speech_like(12.0, seed=41, dbfs=-20))
+    assert canceller.voice_kept_blocks == 0
+    assert db_of(echo[2 * RATE :]) - db_of(out[2 * RATE :]) >= 30.0
+
+
+def test_the_chain_is_not_armed_before_the_room_is_learned() -> None:
+    """A voice at the very start of the session's first reply: AEC3 still leaks echo then,
+    which the switch would take for a voice, so it waits for CONVERGE_S of reply audio."""
+    canceller = EchoCanceller(RATE, RATE)
+    canceller.start()
+    reply = speech_like(CONVERGE_S, seed=51, dbfs=-20)
+    user = np.zeros_like(reply)
+    quarter = len(reply) // 4
+    user[quarter : 3 * quarter] = speech_like(CONVERGE_S / 2, seed=52, dbfs=-20)
+    through_the_room(canceller, LOUD_ECHO, reply, user)
+    assert canceller.voice_kept_blocks == 0
+
+
+def test_a_voice_between_replies_does_not_send_the_chain() -> None:
+    """The user asks while nothing plays: there is no echo to keep the voice from, and the
+    reply that follows starts on the plain AEC3 (the chain's leftovers could sound like
+    speech there)."""
+    canceller = EchoCanceller(RATE, RATE)
+    canceller.start()
+    reply = np.concatenate(
+        [speech_like(3.0, seed=61, dbfs=-20), np.zeros(3 * RATE, dtype=np.float32)]
+    )
+    user = np.zeros_like(reply)
+    user[4 * RATE : 5 * RATE] = speech_like(1.0, seed=62, dbfs=-26)
+    through_the_room(canceller, LOUD_ECHO, reply, user)
+    assert canceller.voice_kept_blocks == 0
+
+
+def test_without_pyaec_the_client_says_it_runs_aec3_alone(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where pyaec has no wheel, the client still cancels the echo, and says what it lacks."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "pyaec" else real_find_spec(name, *args),
+    )
+    assert canceller_options(noise_suppression=False).keep_voice is False
+    assert "pip install pyaec" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert canceller_options(noise_suppression=False).keep_voice is True
 
 
 def test_without_a_reply_the_microphone_passes_unchanged_in_level() -> None:

@@ -7,6 +7,7 @@ the audio streams are stopped and closed, and every thread is joined.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -153,6 +154,19 @@ def on_terminate(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def canceller_options(noise_suppression: bool) -> EchoCancelOptions:
+    """AEC3 with the chain that keeps the voice whole over the reply, or, where pyaec has no
+    wheel (not every platform), AEC3 alone, said on stderr."""
+    keep_voice = importlib.util.find_spec("pyaec") is not None
+    if not keep_voice:
+        print(
+            "s2s-client: note: pyaec is not installed, so echo cancellation is AEC3 alone: "
+            "over a loud echo, speak up to interrupt (pip install pyaec)",
+            file=sys.stderr,
+        )
+    return EchoCancelOptions(noise_suppression=noise_suppression, keep_voice=keep_voice)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Explicitly, because a shell starts background jobs with SIGINT ignored, and Python keeps
     # an inherited SIG_IGN: Ctrl+C (or kill -INT) must always stop the client.
@@ -175,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.file is None and playing and not args.no_aec:
         try:
             canceller = EchoCanceller(
-                args.input_rate,
-                args.output_rate,
-                EchoCancelOptions(noise_suppression=args.noise_suppression),
+                args.input_rate, args.output_rate, canceller_options(args.noise_suppression)
             )
         except ValueError as exc:
             print(f"s2s-client: error: {exc}", file=sys.stderr)

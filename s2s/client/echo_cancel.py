@@ -7,6 +7,18 @@ microphone (``cancel``), and suppresses what is left of it. Both sides go throug
 blocks at the microphone's rate: the speaker's audio is resampled to that rate first. The two
 sides run on different threads (the sound card's output callback and the sender), so the played
 audio waits in a short queue and is taken, sample for sample, as much as the microphone brings.
+
+AEC3's linear filter spans only the first ~50 ms of the echo path (13 blocks of 4 ms in its
+default configuration); a room's reverberation after that is left to its suppressor, which,
+while the user talks over a loud echo, turns their voice down with it (on a simulated room with
+200 ms of reverberation and the echo 10 dB under the reply, a user at -30 dBFS was heard up to
+a second late, or not at all). So a second chain runs beside it: speexdsp's linear canceller
+(``pyaec``), whose filter spans the whole 400 ms, then another AEC3, which has little echo left
+to suppress and keeps the voice whole. Speex is thrown off by double talk, though, and what it
+then leaves can sound like speech; so the chain is sent only while the user speaks over a
+reply: from the first block where the plain AEC3 lets a voice through (its echo alone stays
+near -90 dBFS, once it has learned the room) until NEAR_END_HOLD_S after the last, and only
+tentatively until that voice has lasted VOICE_CONFIRM_S (``VoiceSwitch``).
 """
 
 from __future__ import annotations
@@ -31,6 +43,28 @@ MAX_REFERENCE_S = 0.2
 microphone started late or stalled; the oldest is dropped, because a reference that lags the
 microphone would come after its own echo, which no canceller can remove."""
 INT16_SCALE = 32767.0
+LINEAR_FILTER_MS = 400
+"""The long linear filter's span: a delay up to 150 ms plus 200 ms of reverberation."""
+NEAR_END_POWER = 10 ** (-50.0 / 10)
+"""A block of the plain AEC3's output louder than this (-50 dBFS) holds the user's voice."""
+CONVERGE_S = 1.0
+"""Reply audio both chains must have heard before the switch is armed: until AEC3 has learned
+the room, its own output leaks echo that would look like the user's voice."""
+REPLY_RECENT_S = 0.5
+"""The switch is armed only while a reply plays (reply audio this recent, covering its echo's
+delay and the pauses between its words): a voice over silence needs no chain, and the next
+reply then starts on the plain AEC3."""
+VOICE_CONFIRM_S = 0.2
+"""A voice is taken as the user talking once the plain AEC3 has let it through over this
+long (blocks at most TENTATIVE_HOLD_S apart); until then the chain is sent only for
+TENTATIVE_HOLD_S after each such block. A 150 ms cough stays tentative, so the chain's
+leftovers of the echo cannot stretch it into 300 ms of speech."""
+TENTATIVE_HOLD_S = 0.1
+NEAR_END_HOLD_S = 0.5
+"""Once the user is talking, the chain is sent until this long after the plain AEC3 last let
+their voice through: over the pauses between words while the reply still plays (it stops
+about 350 ms after the voice began), and no longer, as the chain's leftovers of the echo can
+sound like speech."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +74,9 @@ class EchoCancelOptions:
     default: over a simulated room it delayed barge-in and removed no echo."""
     stream_delay_ms: int = 0
     """The sound card's output plus input latency, when known: a hint for the delay search."""
+    keep_voice: bool = True
+    """While the user talks over the reply, send the chain that keeps their voice whole
+    (speexdsp's long linear filter, then AEC3; needs ``pyaec``). False: AEC3 alone."""
 
 
 class EchoCanceller:
@@ -63,6 +100,10 @@ class EchoCanceller:
         self._block = mic_rate_hz * BLOCK_MS // 1000
         self._apm: Any = None
         self._frame_type: Any = None
+        self._linear: Any = None  # speexdsp's canceller, then ``_chained_apm``
+        self._chained_apm: Any = None
+        self._switch = VoiceSwitch()
+        self._converge_blocks = round(CONVERGE_S * 1000 / BLOCK_MS)
         self._to_mic_rate = StreamResampler(speaker_rate_hz, mic_rate_hz)
         self._reference_lock = threading.Lock()  # guards _reference, _referenced, _to_mic_rate
         self._reference: deque[Samples] = deque()
@@ -72,18 +113,29 @@ class EchoCanceller:
         self._cleaned: deque[Samples] = deque([np.zeros(self._block, dtype=np.float32)])
         self._cleaned_count = self._block
         self.blocks = 0
+        self.voice_kept_blocks = 0
+        """Blocks for which the voice-keeping chain was sent (for tests and the bench)."""
 
     def start(self) -> None:
         rtc = require("livekit.rtc", "livekit", "Echo cancellation (or run with --no-aec)")
         self._frame_type = rtc.AudioFrame
-        self._apm = rtc.AudioProcessingModule(
+        self._apm = self._new_apm(rtc)
+        if self.options.keep_voice:
+            pyaec = require("pyaec", "pyaec", "Keeping the voice whole over the reply")
+            filter_length = self.mic_rate_hz * LINEAR_FILTER_MS // 1000
+            self._linear = pyaec.Aec(self._block, filter_length, self.mic_rate_hz, False)
+            self._chained_apm = self._new_apm(rtc)
+
+    def _new_apm(self, rtc: Any) -> Any:
+        apm = rtc.AudioProcessingModule(
             echo_cancellation=True,
             noise_suppression=self.options.noise_suppression,
             high_pass_filter=True,
             auto_gain_control=False,
         )
         if self.options.stream_delay_ms:
-            self._apm.set_stream_delay_ms(self.options.stream_delay_ms)
+            apm.set_stream_delay_ms(self.options.stream_delay_ms)
+        return apm
 
     def reference(self, played: Samples) -> None:
         """Audio handed to the speaker (silence included), at the speaker's rate."""
@@ -122,16 +174,74 @@ class EchoCanceller:
         far = np.zeros(self._block, dtype=np.float32)
         with self._reference_lock:
             self._referenced -= drain_into(far, self._reference)
-        self._apm.process_reverse_stream(self._frame(far))
-        frame = self._frame(near)
-        self._apm.process_stream(frame)  # in place
         self.blocks += 1
+        plain = self._through_apm(self._apm, near, far)
+        if self._linear is None:
+            return plain
+        linear = self._linear.cancel_echo(_pcm(near).tolist(), _pcm(far).tolist())
+        kept = self._through_apm(
+            self._chained_apm, np.asarray(linear, dtype=np.float32) / INT16_SCALE, far
+        )
+        voiced = float(np.mean(np.square(plain, dtype=np.float64))) > NEAR_END_POWER
+        if self._switch.step(reply_playing=bool(np.any(far)), voiced=voiced):
+            self.voice_kept_blocks += 1
+            return kept
+        return plain
+
+    def _through_apm(self, apm: Any, near: Samples, far: Samples) -> Samples:
+        apm.process_reverse_stream(self._frame(far))
+        frame = self._frame(near)
+        apm.process_stream(frame)  # in place
         data = np.frombuffer(frame.data, dtype=np.int16)
         return (data.astype(np.float32) / INT16_SCALE).astype(np.float32)
 
     def _frame(self, samples: Samples) -> Any:
-        pcm = (np.clip(samples, -1.0, 1.0) * INT16_SCALE).astype(np.int16)
+        pcm = _pcm(samples)
         return self._frame_type(pcm.tobytes(), self.mic_rate_hz, 1, len(pcm))
+
+
+def _pcm(samples: Samples) -> np.ndarray:
+    return (np.clip(samples, -1.0, 1.0) * INT16_SCALE).astype(np.int16)
+
+
+class VoiceSwitch:
+    """Pure: for each 10 ms block, whether the chain that keeps the voice is sent (True) or
+    the plain AEC3's output (False), from whether reply audio was played in it and whether
+    the plain AEC3 let a voice through."""
+
+    def __init__(self) -> None:
+        def blocks(seconds: float) -> int:
+            return round(seconds * 1000 / BLOCK_MS)
+
+        self._converge = blocks(CONVERGE_S)
+        self._recent = blocks(REPLY_RECENT_S)
+        self._confirm = blocks(VOICE_CONFIRM_S)
+        self._tentative = blocks(TENTATIVE_HOLD_S)
+        self._hold = blocks(NEAR_END_HOLD_S)
+        self._block = 0
+        self._reply_blocks = 0  # blocks with reply audio so far
+        self._since_reply = 1 << 30  # blocks since the last one with reply audio
+        self._left = 0  # blocks the chain is still sent for
+        self._voice_from = 0  # the block where the current voice began
+
+    def step(self, reply_playing: bool, voiced: bool) -> bool:
+        self._block += 1
+        if reply_playing:
+            self._reply_blocks += 1
+            self._since_reply = 0
+        else:
+            self._since_reply += 1
+        armed = self._reply_blocks >= self._converge and self._since_reply <= self._recent
+        if armed and voiced:
+            if self._left == 0:
+                self._voice_from = self._block
+            talking = self._block - self._voice_from >= self._confirm
+            self._left = self._hold if talking else self._tentative  # blocks after this one
+            return True
+        if self._left > 0:
+            self._left -= 1
+            return True
+        return False
 
 
 class EchoCancelledSource:
