@@ -29,10 +29,15 @@ FRAME = 512
 
 
 def through_the_room(
-    canceller: EchoCanceller, room: RoomOptions, reply: Samples, user: Samples | None = None
+    canceller: EchoCanceller,
+    room: RoomOptions,
+    reply: Samples,
+    user: Samples | None = None,
+    chain_sent_at: list[float] | None = None,
 ) -> tuple[Samples, Samples, Samples]:
     """Plays ``reply`` frame by frame (the reference), its echo (plus ``user``) into the
-    microphone and through the canceller: the echo, the microphone, what the canceller sent."""
+    microphone and through the canceller: the echo, the microphone, what the canceller sent.
+    ``chain_sent_at`` collects when (s) frames holding the voice-keeping chain began."""
     simulated = Room(room, RATE)
     echoes, mics, outs = [], [], []
     for start in range(0, len(reply) - FRAME + 1, FRAME):
@@ -42,7 +47,10 @@ def through_the_room(
         mic = echo.copy()
         if user is not None:
             mic += user[start : start + FRAME]
+        before = canceller.voice_kept_blocks
         out = canceller.cancel(mic)
+        if chain_sent_at is not None and canceller.voice_kept_blocks > before:
+            chain_sent_at.append(start / RATE)
         assert len(out) == FRAME
         echoes.append(echo)
         mics.append(mic)
@@ -122,18 +130,8 @@ def voice_over_loud_echo(keep_voice: bool, seed: int) -> tuple[float, float, lis
     user = np.zeros_like(reply)
     voice = speech_like(2.0, seed=seed + 1, dbfs=-30)
     user[8 * RATE : 10 * RATE] = voice
-    room = Room(LOUD_ECHO, RATE)
-    echoes, outs, chain_sent_at = [], [], []
-    for start in range(0, len(reply) - FRAME + 1, FRAME):
-        played = reply[start : start + FRAME]
-        canceller.reference(played)
-        echo = room.echo(played)
-        before = canceller.voice_kept_blocks
-        outs.append(canceller.cancel(echo + user[start : start + FRAME]))
-        echoes.append(echo)
-        if canceller.voice_kept_blocks > before:
-            chain_sent_at.append(start / RATE)
-    echo, out = np.concatenate(echoes), np.concatenate(outs)
+    chain_sent_at: list[float] = []
+    echo, _, out = through_the_room(canceller, LOUD_ECHO, reply, user, chain_sent_at)
     alone = slice(2 * RATE, 8 * RATE)
     talk = slice(8 * RATE + 160, 10 * RATE + 160)
     return db_of(echo[alone]) - db_of(out[alone]), db_of(out[talk]) - db_of(voice), chain_sent_at
