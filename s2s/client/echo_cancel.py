@@ -103,7 +103,6 @@ class EchoCanceller:
         self._linear: Any = None  # speexdsp's canceller, then ``_chained_apm``
         self._chained_apm: Any = None
         self._switch = VoiceSwitch()
-        self._converge_blocks = round(CONVERGE_S * 1000 / BLOCK_MS)
         self._to_mic_rate = StreamResampler(speaker_rate_hz, mic_rate_hz)
         self._reference_lock = threading.Lock()  # guards _reference, _referenced, _to_mic_rate
         self._reference: deque[Samples] = deque()
