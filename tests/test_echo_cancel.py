@@ -5,6 +5,7 @@ sound card. It must remove the reply's echo and keep the user's voice."""
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import numpy as np
 import pytest
@@ -15,10 +16,13 @@ from s2s.client.echo_cancel import (
     CONVERGE_S,
     MAX_REFERENCE_S,
     NEAR_END_HOLD_S,
+    VOICE_CONFIRM_S,
     EchoCancelledSource,
     EchoCanceller,
     EchoCancelOptions,
+    Sent,
     VoiceSwitch,
+    holds_voice,
 )
 from s2s.client.room import Room, RoomOptions, db_of
 from s2s.pipeline.messages import Samples
@@ -80,41 +84,62 @@ def test_the_echo_is_removed_and_the_voice_kept(echo_db: float) -> None:
 BLOCKS_PER_S = 100  # the canceller's 10 ms blocks
 
 
-def switched(voiced: list[bool], reply_s: float = 3.0) -> list[bool]:
+def switched(voiced: list[bool], reply_s: float = 3.0) -> list[Sent]:
     """The switch's choice per block for ``voiced``, spoken over a reply that has played
     ``reply_s`` before it and goes on playing."""
     switch = VoiceSwitch()
     for _ in range(round(reply_s * BLOCKS_PER_S)):
-        assert not switch.step(reply_playing=True, voiced=False)
+        assert switch.step(reply_playing=True, voiced=False) is Sent.PLAIN
     return [switch.step(reply_playing=True, voiced=v) for v in voiced]
 
 
 def test_a_cough_sends_the_chain_only_tentatively() -> None:
-    """150 ms of voice: the chain for those blocks and 100 ms after, never the full hold."""
+    """150 ms of voice: the chain for those blocks and 100 ms after, never speex alone and
+    never the full hold."""
     sent = switched([True] * 15 + [False] * 100)
-    assert sent == [True] * 25 + [False] * 90
+    assert sent == [Sent.CHAIN] * 25 + [Sent.PLAIN] * 90
 
 
-def test_a_voice_that_goes_on_holds_the_chain_over_its_pauses() -> None:
-    """The plain AEC3 lets a talking user through now and then (every 60 ms here): past
-    VOICE_CONFIRM_S the chain is sent throughout, and for NEAR_END_HOLD_S after the last."""
+def test_a_voice_that_goes_on_is_sent_from_speex_over_its_pauses() -> None:
+    """A talking user's voice is found now and then (every 60 ms here): the chain until it
+    has lasted VOICE_CONFIRM_S, then speex's output alone throughout, and for
+    NEAR_END_HOLD_S after the last."""
     voiced = ([True] + [False] * 5) * 10 + [False] * 100
     sent = switched(voiced)
+    confirmed = 6 * math.ceil(VOICE_CONFIRM_S * BLOCKS_PER_S / 6)  # the first voiced block
+    # at least VOICE_CONFIRM_S after the first one
     last_voiced = 54
-    assert all(sent[: last_voiced + 1])
-    assert sent.index(False, last_voiced) == last_voiced + 1 + round(NEAR_END_HOLD_S * BLOCKS_PER_S)
+    hold_ends = last_voiced + 1 + round(NEAR_END_HOLD_S * BLOCKS_PER_S)
+    assert sent[:confirmed] == [Sent.CHAIN] * confirmed
+    assert sent[confirmed:hold_ends] == [Sent.LINEAR] * (hold_ends - confirmed)
+    assert set(sent[hold_ends:]) == {Sent.PLAIN}
 
 
 def test_the_switch_waits_for_the_room_to_be_learned_and_for_a_reply() -> None:
     """Before CONVERGE_S of reply audio, and with no reply audio for over half a second,
     the plain AEC3 is sent whatever it lets through."""
-    assert not any(switched([True] * 50, reply_s=CONVERGE_S - 0.6))
+    assert set(switched([True] * 50, reply_s=CONVERGE_S - 0.6)) == {Sent.PLAIN}
     switch = VoiceSwitch()
     for _ in range(round(3 * BLOCKS_PER_S)):
         switch.step(reply_playing=True, voiced=False)
     for _ in range(60):
         switch.step(reply_playing=False, voiced=False)
-    assert not any(switch.step(reply_playing=False, voiced=True) for _ in range(50))
+    assert {switch.step(reply_playing=False, voiced=True) for _ in range(50)} == {Sent.PLAIN}
+
+
+def power(dbfs: float) -> float:
+    return float(10 ** (dbfs / 10))
+
+
+def test_a_voice_is_found_in_the_plain_aec3_or_in_both_outputs() -> None:
+    """Loud in the plain AEC3's output: a voice. Loud only in the chain's while the plain
+    AEC3 lets a trace through (its suppressor still holds a voice as loud as the echo): a
+    voice, 180 ms sooner. Loud in the chain's with the plain AEC3 at its echo floor: the
+    chain's leftovers after double talk, not a voice."""
+    assert holds_voice(power(-45), power(-90))
+    assert holds_voice(power(-65), power(-35))
+    assert not holds_voice(power(-90), power(-30))
+    assert not holds_voice(power(-65), power(-50))
 
 
 LOUD_ECHO = RoomOptions(delay_ms=100, reverb_ms=200, echo_db=-10)

@@ -12,17 +12,19 @@ AEC3's linear filter spans only the first ~50 ms of the echo path (13 blocks of 
 default configuration); a room's reverberation after that is left to its suppressor, which,
 while the user talks over a loud echo, turns their voice down with it (on a simulated room with
 200 ms of reverberation and the echo 10 dB under the reply, a user at -30 dBFS was heard up to
-a second late, or not at all). So a second chain runs beside it: speexdsp's linear canceller
-(``pyaec``), whose filter spans the whole 400 ms, then another AEC3, which has little echo left
-to suppress and keeps the voice whole. Speex is thrown off by double talk, though, and what it
-then leaves can sound like speech; so the chain is sent only while the user speaks over a
-reply: from the first block where the plain AEC3 lets a voice through (its echo alone stays
-near -90 dBFS, once it has learned the room) until NEAR_END_HOLD_S after the last, and only
-tentatively until that voice has lasted VOICE_CONFIRM_S (``VoiceSwitch``).
+a second late, or not at all). So speexdsp's linear canceller (``pyaec``), whose filter spans
+the whole 400 ms, runs beside it, followed by another AEC3 that has little echo left to
+suppress. Speex is thrown off by double talk, though, and what it then leaves can sound like
+speech; so the plain AEC3's output is sent while the user is silent, and the others only while
+the user speaks over a reply (``VoiceSwitch``): speex then AEC3 while the voice is tentative
+(a cough must not become speech), speex's output alone once the voice has lasted
+VOICE_CONFIRM_S (the second AEC3 still mutes parts of a voice as loud as the echo), until
+NEAR_END_HOLD_S after the last block that held it.
 """
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -47,6 +49,13 @@ LINEAR_FILTER_MS = 400
 """The long linear filter's span: a delay up to 150 ms plus 200 ms of reverberation."""
 NEAR_END_POWER = 10 ** (-50.0 / 10)
 """A block of the plain AEC3's output louder than this (-50 dBFS) holds the user's voice."""
+LEAK_POWER = 10 ** (-75.0 / 10)
+CHAIN_VOICE_POWER = 10 ** (-40.0 / 10)
+"""A block also holds the user's voice when the plain AEC3 lets a trace of it through (over
+LEAK_POWER, -75 dBFS: its echo alone stays near -90) while the speex-then-AEC3 chain passes it
+(over CHAIN_VOICE_POWER, -40 dBFS): over a loud echo the plain AEC3 may hold a voice under
+-50 dBFS for its first 250 ms, while the chain passes it from about 70 ms. Neither alone: the
+chain's leftovers after double talk reach -40 dBFS with the plain AEC3 silent."""
 CONVERGE_S = 1.0
 """Reply audio both chains must have heard before the switch is armed: until AEC3 has learned
 the room, its own output leaks echo that would look like the user's voice."""
@@ -55,16 +64,16 @@ REPLY_RECENT_S = 0.5
 delay and the pauses between its words): a voice over silence needs no chain, and the next
 reply then starts on the plain AEC3."""
 VOICE_CONFIRM_S = 0.2
-"""A voice is taken as the user talking once the plain AEC3 has let it through over this
-long (blocks at most TENTATIVE_HOLD_S apart); until then the chain is sent only for
-TENTATIVE_HOLD_S after each such block. A 150 ms cough stays tentative, so the chain's
+"""A voice is taken as the user talking once blocks holding it have gone on this long (at
+most TENTATIVE_HOLD_S apart); until then the chain is sent only for TENTATIVE_HOLD_S after
+each such block. A 150 ms cough stays tentative, so the chain's
 leftovers of the echo cannot stretch it into 300 ms of speech."""
 TENTATIVE_HOLD_S = 0.1
 NEAR_END_HOLD_S = 0.5
-"""Once the user is talking, the chain is sent until this long after the plain AEC3 last let
-their voice through: over the pauses between words while the reply still plays (it stops
-about 350 ms after the voice began), and no longer, as the chain's leftovers of the echo can
-sound like speech."""
+"""Once the user is talking, speex's output is sent until this long after the last block
+that held their voice: over the pauses between words while the reply still plays (it stops
+about 350 ms after the voice began), and no longer, as speex's leftovers of the echo can sound
+like speech."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +122,7 @@ class EchoCanceller:
         self._cleaned_count = self._block
         self.blocks = 0
         self.voice_kept_blocks = 0
-        """Blocks for which the voice-keeping chain was sent (for tests and the bench)."""
+        """Blocks sent from speex's output, through AEC3 or not (for tests and the bench)."""
 
     def start(self) -> None:
         rtc = require("livekit.rtc", "livekit", "Echo cancellation (or run with --no-aec)")
@@ -178,14 +187,15 @@ class EchoCanceller:
         if self._linear is None:
             return plain
         linear = self._linear.cancel_echo(_pcm(near).tolist(), _pcm(far).tolist())
-        kept = self._through_apm(
-            self._chained_apm, np.asarray(linear, dtype=np.float32) / INT16_SCALE, far
+        linear_out = np.asarray(linear, dtype=np.float32) / INT16_SCALE
+        kept = self._through_apm(self._chained_apm, linear_out, far)
+        sent = self._switch.step(
+            reply_playing=bool(np.any(far)), voiced=holds_voice(_power(plain), _power(kept))
         )
-        voiced = float(np.mean(np.square(plain, dtype=np.float64))) > NEAR_END_POWER
-        if self._switch.step(reply_playing=bool(np.any(far)), voiced=voiced):
-            self.voice_kept_blocks += 1
-            return kept
-        return plain
+        if sent is Sent.PLAIN:
+            return plain
+        self.voice_kept_blocks += 1
+        return kept if sent is Sent.CHAIN else linear_out
 
     def _through_apm(self, apm: Any, near: Samples, far: Samples) -> Samples:
         apm.process_reverse_stream(self._frame(far))
@@ -199,14 +209,33 @@ class EchoCanceller:
         return self._frame_type(pcm.tobytes(), self.mic_rate_hz, 1, len(pcm))
 
 
+def _power(samples: Samples) -> float:
+    return float(np.mean(np.square(samples, dtype=np.float64)))
+
+
+def holds_voice(plain_power: float, chain_power: float) -> bool:
+    """Whether a block holds the user's voice, from the power of the plain AEC3's output and
+    of the speex-then-AEC3 chain's."""
+    return plain_power > NEAR_END_POWER or (
+        plain_power > LEAK_POWER and chain_power > CHAIN_VOICE_POWER
+    )
+
+
+class Sent(enum.Enum):
+    """What a block of the microphone is sent as."""
+
+    PLAIN = "AEC3"
+    CHAIN = "speex, then AEC3"
+    LINEAR = "speex alone"
+
+
 def _pcm(samples: Samples) -> np.ndarray:
     return (np.clip(samples, -1.0, 1.0) * INT16_SCALE).astype(np.int16)
 
 
 class VoiceSwitch:
-    """Pure: for each 10 ms block, whether the chain that keeps the voice is sent (True) or
-    the plain AEC3's output (False), from whether reply audio was played in it and whether
-    the plain AEC3 let a voice through."""
+    """Pure: for each 10 ms block, which output is sent, from whether reply audio was played
+    in it and whether it holds the user's voice (``holds_voice``)."""
 
     def __init__(self) -> None:
         def blocks(seconds: float) -> int:
@@ -222,8 +251,9 @@ class VoiceSwitch:
         self._since_reply = 1 << 30  # blocks since the last one with reply audio
         self._left = 0  # blocks the chain is still sent for
         self._voice_from = 0  # the block where the current voice began
+        self._talking = False  # the current voice has lasted VOICE_CONFIRM_S
 
-    def step(self, reply_playing: bool, voiced: bool) -> bool:
+    def step(self, reply_playing: bool, voiced: bool) -> Sent:
         self._block += 1
         if reply_playing:
             self._reply_blocks += 1
@@ -234,13 +264,16 @@ class VoiceSwitch:
         if armed and voiced:
             if self._left == 0:
                 self._voice_from = self._block
-            talking = self._block - self._voice_from >= self._confirm
-            self._left = self._hold if talking else self._tentative  # blocks after this one
-            return True
+            self._talking = self._block - self._voice_from >= self._confirm
+            self._left = self._hold if self._talking else self._tentative  # after this one
+            return self._sent()
         if self._left > 0:
             self._left -= 1
-            return True
-        return False
+            return self._sent()
+        return Sent.PLAIN
+
+    def _sent(self) -> Sent:
+        return Sent.LINEAR if self._talking else Sent.CHAIN
 
 
 class EchoCancelledSource:
