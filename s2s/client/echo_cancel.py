@@ -84,8 +84,9 @@ class EchoCancelOptions:
     stream_delay_ms: int = 0
     """The sound card's output plus input latency, when known: a hint for the delay search."""
     keep_voice: bool = True
-    """While the user talks over the reply, send the chain that keeps their voice whole
-    (speexdsp's long linear filter, then AEC3; needs ``pyaec``). False: AEC3 alone."""
+    """While the user talks over the reply, send what keeps their voice whole: speexdsp's
+    long linear filter (followed by AEC3 while the voice is tentative; needs ``pyaec``).
+    False: AEC3 alone."""
 
 
 class EchoCanceller:
