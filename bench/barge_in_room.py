@@ -194,7 +194,7 @@ def echo_alone(
             reply = user.wait_for("reply_audio_start", REPLY_BOUND_S, turn_id=turn)
             if cough:
                 user.say(cough_audio, at=reply.at + rng.uniform(0.5, 4.0))
-            user.wait_for("reply_audio_end", REPLY_BOUND_S, turn_id=turn)
+            reply_over(user, turn, REPLY_BOUND_S)
             time.sleep(1.0)  # the echo's tail, and any turn it might make
     finally:
         user.close()
@@ -205,6 +205,21 @@ def echo_alone(
         "extra_turns": len(turns) - replies,
         "erle_db": erle_db(user),
     }
+
+
+def reply_over(user: ScriptedUser, turn: int, timeout_s: float) -> None:
+    """Until the reply of ``turn`` has played to its end or was interrupted (the figures
+    count interruptions; the script goes on with the next reply)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(
+            r.event["turn_id"] == turn  # type: ignore[index]
+            for kind in ("reply_audio_end", "interrupted")
+            for r in user.events(kind)
+        ):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"reply {turn} neither ended nor was interrupted: {user.kinds()}")
 
 
 def erle_db(user: ScriptedUser) -> float | None:

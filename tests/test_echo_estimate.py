@@ -127,6 +127,30 @@ def test_the_estimate_hears_a_voice_the_fixed_rule_takes_for_echo() -> None:
     assert rates[True] - rates[False] >= 0.3
 
 
+def test_a_voice_in_the_first_second_of_the_first_reply_is_heard() -> None:
+    """Before min_fit_s of echo, a provisional estimate joins the fixed rule: the user at
+    -26 dBFS over -10 dB of echo, 0.9 s into the session's first reply, is heard in most of
+    the chunks where they sound (the fixed rule alone: a third), and the echo alone before
+    them is not taken for them."""
+    rates = {}
+    for provisional_fit_s in (float("inf"), EchoOptions().provisional_fit_s):
+        gate = EchoGate(EchoOptions(provisional_fit_s=provisional_fit_s))
+        session = Session(gate, ROOM, speech_like(30, seed=2, dbfs=REPLY_DBFS))
+        on_echo, _ = session.run(0.9)
+        assert not any(on_echo)
+        assert not gate.measured
+        assert (gate._provisional is not None) == (provisional_fit_s < 1.0)
+        _, on_user = session.run(1.0, user=speech_like(1.0, seed=3, dbfs=-26))
+        rates[provisional_fit_s] = float(np.mean(on_user))
+    fixed, provisional = rates.values()
+    print(
+        f"user chunks louder: fixed rule {fixed:.1%}, with the provisional estimate "
+        f"{provisional:.1%}"
+    )
+    assert provisional >= 0.6
+    assert provisional - fixed >= 0.25
+
+
 def test_no_echo_at_all_lets_a_quiet_voice_through() -> None:
     """A microphone that hears none of the reply (a headset): the estimate learns that, and a
     user at -40 dBFS counts as the user's speech."""

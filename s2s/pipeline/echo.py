@@ -13,7 +13,10 @@ quieter moments of a user talking over the reply are not taken for echo.
 
 Until enough echo has been measured (``min_fit_s`` of reply playing), a fixed Geigel-style
 rule stands in: louder than ``ratio`` times the loudest reply audio played within
-``echo_delay_s``. Everything is timed by sample positions (the reply's by the pacing timeline,
+``echo_delay_s``; from ``provisional_fit_s`` on, a provisional fit joins it, with a wider
+margin (``provisional_excess``): a voice at a normal level stands below the fixed rule, and a
+user who speaks up in the first second of the session's first reply would go unheard.
+Everything is timed by sample positions (the reply's by the pacing timeline,
 the microphone's by ``InputClock``). Thread-safe: the session records the reply audio as it
 sends it, the VAD stage asks.
 """
@@ -37,6 +40,8 @@ ROWS_KEPT = 640
 """Echo measurements (one per microphone chunk) the fit uses: about 20 s at 32 ms chunks."""
 REFIT_EVERY = 16
 """New measurements between two fits (about half a second)."""
+PROVISIONAL_REFIT_EVERY = 4
+"""New measurements between two provisional fits (about 130 ms: it has little time)."""
 LEARN_GUARD_S = 0.3
 """Echo is learned only this far from any moment louder than the echo: the user's quieter
 syllables around their louder ones are not echo, and learned as echo they would raise the bar
@@ -70,6 +75,11 @@ class EchoOptions:
     1.5 is 1.8 dB)."""
     min_excess: float = 2.0
     """The least excess over the expected echo (power: 3 dB), however steady the echo."""
+    provisional_fit_s: float = 0.4
+    """Echo measured before a provisional estimate joins the fixed rule (until min_fit_s)."""
+    provisional_excess: float = 4.0
+    """How far above the provisional estimate's echo a voice must stand (power: 6 dB; from
+    a few hundred ms of echo, its worst ratio is not known yet)."""
     learn: bool = True
     """False: keep the fixed rule (no estimate)."""
 
@@ -102,6 +112,7 @@ class EchoGate:
         self._pending: deque[tuple[float, np.ndarray, float, float]] = deque()
         self._quiet_from = -math.inf  # no learning before this (just after a louder moment)
         self._response: np.ndarray | None = None  # echo power per reply power per lag; noise
+        self._provisional: np.ndarray | None = None  # the same, from less than min_fit_s
         self._worst_ratio = 0.0
         self.fits = 0
 
@@ -154,6 +165,9 @@ class EchoGate:
             features = self._features(starts_at, received_at)
             if self._response is None:
                 louder = mic > self.options.ratio**2 * self._loudest(starts_at, received_at)
+                if self._provisional is not None:
+                    expected = float(self._provisional @ features)
+                    louder |= mic > self.options.provisional_excess * expected + FLOOR_POWER
             else:
                 expected = float(self._response @ features)
                 excess = max(self.options.min_excess, self.options.margin * self._worst_ratio)
@@ -213,8 +227,17 @@ class EchoGate:
         self._targets[row] = mic
         self._rows_seen += 1
         self._learned_s += duration_s
-        if self._learned_s >= self.options.min_fit_s and self._rows_seen % REFIT_EVERY == 0:
-            self._fit()
+        if self._learned_s >= self.options.min_fit_s:
+            if self._rows_seen % REFIT_EVERY == 0:
+                self._fit()
+        elif (
+            self._learned_s >= self.options.provisional_fit_s
+            and self._rows_seen % PROVISIONAL_REFIT_EVERY == 0
+        ):
+            count = min(self._rows_seen, ROWS_KEPT)
+            self._provisional = non_negative_least_squares(
+                self._rows[:count], self._targets[:count]
+            )
 
     def _fit(self) -> None:
         count = min(self._rows_seen, ROWS_KEPT)
