@@ -66,8 +66,8 @@ reply then starts on the plain AEC3."""
 VOICE_CONFIRM_S = 0.2
 """A voice is taken as the user talking once blocks holding it have gone on this long (at
 most TENTATIVE_HOLD_S apart); until then the chain is sent only for TENTATIVE_HOLD_S after
-each such block. A 150 ms cough stays tentative, so the chain's
-leftovers of the echo cannot stretch it into 300 ms of speech."""
+each such block. A 150 ms cough stays tentative, so the chain's leftovers of the echo cannot
+stretch it into 300 ms of speech."""
 TENTATIVE_HOLD_S = 0.1
 NEAR_END_HOLD_S = 0.5
 """Once the user is talking, speex's output is sent until this long after the last block
