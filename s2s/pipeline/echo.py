@@ -234,14 +234,15 @@ class EchoGate:
             self._learned_s >= self.options.provisional_fit_s
             and self._rows_seen % PROVISIONAL_REFIT_EVERY == 0
         ):
-            count = min(self._rows_seen, ROWS_KEPT)
-            self._provisional = non_negative_least_squares(
-                self._rows[:count], self._targets[:count]
-            )
+            self._provisional = non_negative_least_squares(*self._learned())
+
+    def _learned(self) -> tuple[np.ndarray, np.ndarray]:
+        """The echo measurements kept: reply power per lag (and 1), microphone power."""
+        count = min(self._rows_seen, ROWS_KEPT)
+        return self._rows[:count], self._targets[:count]
 
     def _fit(self) -> None:
-        count = min(self._rows_seen, ROWS_KEPT)
-        rows, targets = self._rows[:count], self._targets[:count]
+        rows, targets = self._learned()
         response = non_negative_least_squares(rows, targets)
         expected = rows @ response
         self._response = response
