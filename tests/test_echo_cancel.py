@@ -12,19 +12,17 @@ import pytest
 
 from s2s.client.audio import SpeakerSink
 from s2s.client.cli import canceller_options
-from s2s.client.echo_cancel import (
+from s2s.client.echo_cancel import MAX_REFERENCE_S, EchoCancelledSource, EchoCanceller
+from s2s.client.room import Room, RoomOptions, db_of
+from s2s.models.echo_cancel import (
     CONVERGE_S,
-    MAX_REFERENCE_S,
     NEAR_END_HOLD_S,
     VOICE_CONFIRM_S,
-    EchoCancelledSource,
-    EchoCanceller,
     EchoCancelOptions,
     Sent,
     VoiceSwitch,
     holds_voice,
 )
-from s2s.client.room import Room, RoomOptions, db_of
 from s2s.pipeline.messages import Samples
 from tests.test_echo_estimate import speech_like
 

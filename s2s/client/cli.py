@@ -29,8 +29,9 @@ from s2s.client.audio import (
     SpeakerSink,
     list_devices,
 )
-from s2s.client.echo_cancel import EchoCancelledSource, EchoCanceller, EchoCancelOptions
+from s2s.client.echo_cancel import EchoCancelledSource, EchoCanceller
 from s2s.client.keys import InterruptKey
+from s2s.models.echo_cancel import EchoCancelOptions
 from s2s.models.errors import ModelUnavailable
 from s2s.server import protocol
 

@@ -1,92 +1,26 @@
-"""Acoustic echo cancellation for the client: the reply the speaker plays is removed from the
-microphone before it is sent, so the user can talk over the assistant at a normal level.
-
-WebRTC's audio processing (AEC3, through the ``livekit`` package's prebuilt wheels) adapts a
-filter from the played audio (the far end, ``reference``) to the echo it finds in the
-microphone (``cancel``), and suppresses what is left of it. Both sides go through it in 10 ms
-blocks at the microphone's rate: the speaker's audio is resampled to that rate first. The two
-sides run on different threads (the sound card's output callback and the sender), so the played
-audio waits in a short queue and is taken, sample for sample, as much as the microphone brings.
-
-AEC3's linear filter spans only the first ~50 ms of the echo path (13 blocks of 4 ms in its
-default configuration); a room's reverberation after that is left to its suppressor, which,
-while the user talks over a loud echo, turns their voice down with it (on a simulated room with
-200 ms of reverberation and the echo 10 dB under the reply, a user at -30 dBFS was heard up to
-a second late, or not at all). So speexdsp's linear canceller (``pyaec``), whose filter spans
-the whole 400 ms, runs beside it, followed by another AEC3 that has little echo left to
-suppress. Speex is thrown off by double talk, though, and what it then leaves can sound like
-speech; so the plain AEC3's output is sent while the user is silent, and the others only while
-the user speaks over a reply (``VoiceSwitch``): speex then AEC3 while the voice is tentative
-(a cough must not become speech), speex's output alone once the voice has lasted
-VOICE_CONFIRM_S (the second AEC3 still mutes parts of a voice as loud as the echo), until
-NEAR_END_HOLD_S after the last block that held it.
+"""Acoustic echo cancellation in the client (``s2s/models/echo_cancel.py`` has the
+cancellers): the reply the speaker plays is removed from the microphone before it is sent.
+The two sides run on different threads (the sound card's output callback and the sender), so
+the played audio, resampled to the microphone's rate, waits in a short queue and is taken,
+sample for sample, as much as the microphone brings.
 """
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from s2s.client.audio import Source, drain_into
 from s2s.models.audio import StreamResampler
-from s2s.models.errors import require
+from s2s.models.echo_cancel import APM_RATES_HZ, CancellerChain, EchoCancelOptions
 from s2s.pipeline.messages import Samples
 
-BLOCK_MS = 10
-"""The block WebRTC's audio processing works in."""
-APM_RATES_HZ = frozenset({8_000, 16_000, 32_000, 48_000})
 MAX_REFERENCE_S = 0.2
 """Played audio kept for the microphone side: a sound card block or two. More means the
 microphone started late or stalled; the oldest is dropped, because a reference that lags the
 microphone would come after its own echo, which no canceller can remove."""
-INT16_SCALE = 32767.0
-LINEAR_FILTER_MS = 400
-"""The long linear filter's span: a delay up to 150 ms plus 200 ms of reverberation."""
-NEAR_END_POWER = 10 ** (-50.0 / 10)
-"""A block of the plain AEC3's output louder than this (-50 dBFS) holds the user's voice."""
-LEAK_POWER = 10 ** (-75.0 / 10)
-CHAIN_VOICE_POWER = 10 ** (-40.0 / 10)
-"""A block also holds the user's voice when the plain AEC3 lets a trace of it through (over
-LEAK_POWER, -75 dBFS: its echo alone stays near -90) while the speex-then-AEC3 chain passes it
-(over CHAIN_VOICE_POWER, -40 dBFS): over a loud echo the plain AEC3 may hold a voice under
--50 dBFS for its first 250 ms, while the chain passes it from about 70 ms. Neither alone: the
-chain's leftovers after double talk reach -40 dBFS with the plain AEC3 silent."""
-CONVERGE_S = 1.0
-"""Reply audio both chains must have heard before the switch is armed: until AEC3 has learned
-the room, its own output leaks echo that would look like the user's voice."""
-REPLY_RECENT_S = 0.5
-"""The switch is armed only while a reply plays (reply audio this recent, covering its echo's
-delay and the pauses between its words): a voice over silence needs no chain, and the next
-reply then starts on the plain AEC3."""
-VOICE_CONFIRM_S = 0.2
-"""A voice is taken as the user talking once blocks holding it have gone on this long (at
-most TENTATIVE_HOLD_S apart); until then the chain is sent only for TENTATIVE_HOLD_S after
-each such block. A 150 ms cough stays tentative, so the chain's leftovers of the echo cannot
-stretch it into 300 ms of speech."""
-TENTATIVE_HOLD_S = 0.1
-NEAR_END_HOLD_S = 0.5
-"""Once the user is talking, speex's output is sent until this long after the last block
-that held their voice: over the pauses between words while the reply still plays (it stops
-about 350 ms after the voice began), and no longer, as speex's leftovers of the echo can sound
-like speech."""
-
-
-@dataclass(frozen=True, slots=True)
-class EchoCancelOptions:
-    noise_suppression: bool = False
-    """WebRTC's noise suppressor after the echo canceller (steady fans and hum). Off by
-    default: over a simulated room it delayed barge-in and removed no echo."""
-    stream_delay_ms: int = 0
-    """The sound card's output plus input latency, when known: a hint for the delay search."""
-    keep_voice: bool = True
-    """While the user talks over the reply, send what keeps their voice whole: speexdsp's
-    long linear filter (followed by AEC3 while the voice is tentative; needs ``pyaec``).
-    False: AEC3 alone."""
 
 
 class EchoCanceller:
@@ -106,13 +40,9 @@ class EchoCanceller:
             )
         self.mic_rate_hz = mic_rate_hz
         self.speaker_rate_hz = speaker_rate_hz
-        self.options = options if options is not None else EchoCancelOptions()
-        self._block = mic_rate_hz * BLOCK_MS // 1000
-        self._apm: Any = None
-        self._frame_type: Any = None
-        self._linear: Any = None  # speexdsp's canceller, then ``_chained_apm``
-        self._chained_apm: Any = None
-        self._switch = VoiceSwitch()
+        self._chain = CancellerChain(mic_rate_hz, options)
+        self.options = self._chain.options
+        self._block = self._chain.block_samples
         self._to_mic_rate = StreamResampler(speaker_rate_hz, mic_rate_hz)
         self._reference_lock = threading.Lock()  # guards _reference, _referenced, _to_mic_rate
         self._reference: deque[Samples] = deque()
@@ -121,30 +51,18 @@ class EchoCanceller:
         # One block of latency, so that ``cancel`` always returns as many samples as it got.
         self._cleaned: deque[Samples] = deque([np.zeros(self._block, dtype=np.float32)])
         self._cleaned_count = self._block
-        self.blocks = 0
-        self.voice_kept_blocks = 0
+
+    @property
+    def blocks(self) -> int:
+        return self._chain.blocks
+
+    @property
+    def voice_kept_blocks(self) -> int:
         """Blocks sent from speex's output, through AEC3 or not (for tests and the bench)."""
+        return self._chain.voice_kept_blocks
 
     def start(self) -> None:
-        rtc = require("livekit.rtc", "livekit", "Echo cancellation (or run with --no-aec)")
-        self._frame_type = rtc.AudioFrame
-        self._apm = self._new_apm(rtc)
-        if self.options.keep_voice:
-            pyaec = require("pyaec", "pyaec", "Keeping the voice whole over the reply")
-            filter_length = self.mic_rate_hz * LINEAR_FILTER_MS // 1000
-            self._linear = pyaec.Aec(self._block, filter_length, self.mic_rate_hz, False)
-            self._chained_apm = self._new_apm(rtc)
-
-    def _new_apm(self, rtc: Any) -> Any:
-        apm = rtc.AudioProcessingModule(
-            echo_cancellation=True,
-            noise_suppression=self.options.noise_suppression,
-            high_pass_filter=True,
-            auto_gain_control=False,
-        )
-        if self.options.stream_delay_ms:
-            apm.set_stream_delay_ms(self.options.stream_delay_ms)
-        return apm
+        self._chain.start("Echo cancellation (or run with --no-aec)")
 
     def reference(self, played: Samples) -> None:
         """Audio handed to the speaker (silence included), at the speaker's rate."""
@@ -167,114 +85,19 @@ class EchoCanceller:
 
     def cancel(self, mic: Samples) -> Samples:
         """The microphone frame without the echo: as many samples as given, one block later."""
-        assert self._apm is not None, "start() first"
         self._near = np.concatenate([self._near, np.asarray(mic, dtype=np.float32)])
         whole = len(self._near) - len(self._near) % self._block
         for begin in range(0, whole, self._block):
-            cleaned = self._process(self._near[begin : begin + self._block])
+            far = np.zeros(self._block, dtype=np.float32)
+            with self._reference_lock:
+                self._referenced -= drain_into(far, self._reference)
+            cleaned = self._chain.process(self._near[begin : begin + self._block], far)
             self._cleaned.append(cleaned)
             self._cleaned_count += len(cleaned)
         self._near = self._near[whole:]
         out = np.zeros(len(mic), dtype=np.float32)
         self._cleaned_count -= drain_into(out, self._cleaned)
         return out
-
-    def _process(self, near: Samples) -> Samples:
-        far = np.zeros(self._block, dtype=np.float32)
-        with self._reference_lock:
-            self._referenced -= drain_into(far, self._reference)
-        self.blocks += 1
-        plain = self._through_apm(self._apm, near, far)
-        if self._linear is None:
-            return plain
-        linear = self._linear.cancel_echo(_pcm(near).tolist(), _pcm(far).tolist())
-        linear_out = np.asarray(linear, dtype=np.float32) / INT16_SCALE
-        kept = self._through_apm(self._chained_apm, linear_out, far)
-        sent = self._switch.step(
-            reply_playing=bool(np.any(far)), voiced=holds_voice(_power(plain), _power(kept))
-        )
-        if sent is Sent.PLAIN:
-            return plain
-        self.voice_kept_blocks += 1
-        return kept if sent is Sent.CHAIN else linear_out
-
-    def _through_apm(self, apm: Any, near: Samples, far: Samples) -> Samples:
-        apm.process_reverse_stream(self._frame(far))
-        frame = self._frame(near)
-        apm.process_stream(frame)  # in place
-        data = np.frombuffer(frame.data, dtype=np.int16)
-        return (data.astype(np.float32) / INT16_SCALE).astype(np.float32)
-
-    def _frame(self, samples: Samples) -> Any:
-        pcm = _pcm(samples)
-        return self._frame_type(pcm.tobytes(), self.mic_rate_hz, 1, len(pcm))
-
-
-def _power(samples: Samples) -> float:
-    return float(np.mean(np.square(samples, dtype=np.float64)))
-
-
-def holds_voice(plain_power: float, chain_power: float) -> bool:
-    """Whether a block holds the user's voice, from the power of the plain AEC3's output and
-    of the speex-then-AEC3 chain's."""
-    return plain_power > NEAR_END_POWER or (
-        plain_power > LEAK_POWER and chain_power > CHAIN_VOICE_POWER
-    )
-
-
-class Sent(enum.Enum):
-    """What a block of the microphone is sent as."""
-
-    PLAIN = "AEC3"
-    CHAIN = "speex, then AEC3"
-    LINEAR = "speex alone"
-
-
-def _pcm(samples: Samples) -> np.ndarray:
-    return (np.clip(samples, -1.0, 1.0) * INT16_SCALE).astype(np.int16)
-
-
-class VoiceSwitch:
-    """Pure: for each 10 ms block, which output is sent, from whether reply audio was played
-    in it and whether it holds the user's voice (``holds_voice``)."""
-
-    def __init__(self) -> None:
-        def blocks(seconds: float) -> int:
-            return round(seconds * 1000 / BLOCK_MS)
-
-        self._converge = blocks(CONVERGE_S)
-        self._recent = blocks(REPLY_RECENT_S)
-        self._confirm = blocks(VOICE_CONFIRM_S)
-        self._tentative = blocks(TENTATIVE_HOLD_S)
-        self._hold = blocks(NEAR_END_HOLD_S)
-        self._block = 0
-        self._reply_blocks = 0  # blocks with reply audio so far
-        self._since_reply = 1 << 30  # blocks since the last one with reply audio
-        self._left = 0  # blocks the chain is still sent for
-        self._voice_from = 0  # the block where the current voice began
-        self._talking = False  # the current voice has lasted VOICE_CONFIRM_S
-
-    def step(self, reply_playing: bool, voiced: bool) -> Sent:
-        self._block += 1
-        if reply_playing:
-            self._reply_blocks += 1
-            self._since_reply = 0
-        else:
-            self._since_reply += 1
-        armed = self._reply_blocks >= self._converge and self._since_reply <= self._recent
-        if armed and voiced:
-            if self._left == 0:
-                self._voice_from = self._block
-            self._talking = self._block - self._voice_from >= self._confirm
-            self._left = self._hold if self._talking else self._tentative  # after this one
-            return self._sent()
-        if self._left > 0:
-            self._left -= 1
-            return self._sent()
-        return Sent.PLAIN
-
-    def _sent(self) -> Sent:
-        return Sent.LINEAR if self._talking else Sent.CHAIN
 
 
 class EchoCancelledSource:
