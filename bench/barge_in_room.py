@@ -7,8 +7,9 @@ that every reply is long and the figures do not depend on what a 135M model says
 speaker reaches its microphone through a room (``s2s/client/room.py``): a delay of 50-150 ms,
 a 200 ms exponential reverberation tail, an echo of -10 or -20 dB. With ``aec`` the client
 cancels the echo (``s2s/client/echo_cancel.py``: AEC3, with speexdsp ahead of it while the
-user talks over a reply) and says so in hello; without,
-the server's echo estimate decides.
+user talks over a reply) and says so in hello; without, the server cancels it
+(``s2s/server/reply_echo.py``, the same cancellers), or with ``--server-aec off`` its level
+estimate decides.
 
 For each case, 10 interruptions at random moments (0.5-4 s) of long replies: the user's
 question at -30, -26 or -20 dBFS. Then, per room, 10 long replies with nothing but their echo,
@@ -250,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--aec", choices=("both", "yes", "no"), default="both", help="with the client's AEC"
     )
+    parser.add_argument(
+        "--server-aec",
+        choices=("on", "off"),
+        default="on",
+        help="without the client's AEC: the server cancels the echo (on) or its level "
+        "estimate decides (off)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/barge-in-room.json")
     parser.add_argument(
         "--kinds",
@@ -268,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         models,
         max_sessions=CONCURRENT_SESSIONS + 1,
         build=lambda **kwargs: build_session_pipeline(models, **kwargs),
+        **({} if args.server_aec == "on" else {"echo_cancel": None}),
     )
+    without_aec = "server AEC" if args.server_aec == "on" else "server estimate"
     jobs: list[tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = []
     for aec in {"both": (True, False), "yes": (True,), "no": (False,)}[args.aec]:
         for echo_db in args.echo_db:
@@ -277,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed = rng.randrange(10**6)
                 case = {
                     "aec": aec,
+                    "echo_handled_by": "client AEC" if aec else without_aec,
                     "echo_db": echo_db,
                     "user_db": user_db,
                     "kind": "barge-in",
@@ -295,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed = rng.randrange(10**6)
                 case = {
                     "aec": aec,
+                    "echo_handled_by": "client AEC" if aec else without_aec,
                     "echo_db": echo_db,
                     "kind": kind,
                     "delay_ms": round(room.delay_ms),
@@ -368,10 +380,13 @@ def summary_of(outcome: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    print("\n| client AEC | echo | user | interrupted | onset -> interrupted median / p95 | ERLE |")
+    print(
+        "\n| echo handled by | echo | user | interrupted "
+        "| onset -> interrupted median / p95 | ERLE |"
+    )
     print("|---|---|---|---|---|---|")
     for r in results:
-        aec = "yes" if r["aec"] else "no"
+        aec = r.get("echo_handled_by", "client AEC" if r["aec"] else "server estimate")
         erle = f"{r['erle_db']} dB" if r.get("erle_db") is not None else "-"
         if "error" in r:
             print(f"| {aec} | {r['echo_db']:g} dB | {r['kind']} | error: {r['error']} | | |")

@@ -451,8 +451,10 @@ def test_a_client_that_cancels_its_echo_has_no_echo_gate(server: Running) -> Non
 def test_an_echo_cancelled_session_listens_with_a_lower_vad_threshold(
     transcriber: GatedTranscriber,
 ) -> None:
-    """An echo canceller turns the user down during double talk: such sessions get the VAD
-    threshold ECHO_CANCELLED_VAD_THRESHOLD; others keep the profile's."""
+    """An echo canceller turns the user down during double talk: sessions whose echo is
+    cancelled, by the client or by the server (its default for the others), get the VAD
+    threshold ECHO_CANCELLED_VAD_THRESHOLD; with --server-aec off, the others keep the
+    profile's."""
     models = fake_models(transcriber)
     asked: list[Any] = []
 
@@ -460,15 +462,18 @@ def test_an_echo_cancelled_session_listens_with_a_lower_vad_threshold(
         asked.append(kwargs.get("vad_overrides"))
         return build_session_pipeline(models, **kwargs)
 
-    running = Running(models, build=build)
-    try:
-        for cancelled in (True, False):
-            connection = raw(running.url)
-            assert hello(connection, options={"echo_cancelled": cancelled})["type"] == "ready"
-            connection.close()
-    finally:
-        running.stop()
-    assert asked == [{"threshold": ECHO_CANCELLED_VAD_THRESHOLD}, {}]
+    cancelled_by_server: dict[str, Any] = {}
+    for changes in (cancelled_by_server, {"echo_cancel": None}):
+        running = Running(models, build=build, **changes)
+        try:
+            for cancelled in (True, False):
+                connection = raw(running.url)
+                assert hello(connection, options={"echo_cancelled": cancelled})["type"] == "ready"
+                connection.close()
+        finally:
+            running.stop()
+    lower = {"threshold": ECHO_CANCELLED_VAD_THRESHOLD}
+    assert asked == [lower, lower, lower, {}]
 
 
 # --- rates and HTTP -------------------------------------------------------------------------

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
+from s2s.models.echo_cancel import EchoCancelOptions
 from s2s.pipeline.echo import EchoOptions
 from s2s.pipeline.history import HistoryOptions
 from s2s.server.app import ServerConfig
@@ -20,6 +24,32 @@ def test_echo_ratio_0_turns_the_echo_test_off() -> None:
     assert config_for(["--echo-ratio", "0"]).echo is None
     assert config_for(["--echo-ratio", "0.3"]).echo == EchoOptions(ratio=0.3)
     assert config_for([]).echo == EchoOptions(ratio=0.5)
+
+
+def test_server_aec_cancels_the_echo_by_default_and_off_leaves_it_to_the_level_estimate() -> None:
+    """--server-aec on (default): the server cancels the echo for clients that do not;
+    off: the level estimate of --echo-ratio decides."""
+    assert config_for([]).echo_cancel == EchoCancelOptions()
+    assert config_for(["--server-aec", "on"]).echo_cancel == EchoCancelOptions()
+    off = config_for(["--server-aec", "off"])
+    assert off.echo_cancel is None
+    assert off.echo == EchoOptions(ratio=0.5)
+
+
+def test_a_server_without_the_echo_cancellers_says_so_at_start() -> None:
+    """Without livekit (an install without the server's extras), --server-aec on fails at
+    once with exit 2 and one line naming the package and the way out, before any model loads."""
+    code = (
+        "import sys; sys.modules['livekit'] = None; sys.modules['livekit.rtc'] = None; "
+        "from s2s.server.cli import main; sys.exit(main(['--device', 'cpu', '--port', '0']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert "'livekit'" in done.stderr
+    assert "--server-aec off" in done.stderr
+    assert "loading" not in done.stdout
 
 
 def test_every_option_can_come_from_an_s2s_variable(monkeypatch: pytest.MonkeyPatch) -> None:

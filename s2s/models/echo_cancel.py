@@ -101,6 +101,8 @@ class CancellerChain:
         self._chained_apm: Any = None
         self._switch = VoiceSwitch()
         self.blocks = 0
+        self.reply_blocks = 0
+        """Blocks with reply audio in them: how much of the room the cancellers have heard."""
         self.voice_kept_blocks = 0
         """Blocks sent from speex's output, through AEC3 or not (for tests and the bench)."""
 
@@ -131,6 +133,8 @@ class CancellerChain:
         playing as it was captured (zeros when none)."""
         assert self._apm is not None, "start() first"
         self.blocks += 1
+        playing = bool(np.any(far))
+        self.reply_blocks += playing
         plain = self._through_apm(self._apm, near, far)
         if self._linear is None:
             return plain
@@ -138,7 +142,7 @@ class CancellerChain:
         linear_out = np.asarray(linear, dtype=np.float32) / INT16_SCALE
         kept = self._through_apm(self._chained_apm, linear_out, far)
         sent = self._switch.step(
-            reply_playing=bool(np.any(far)), voiced=holds_voice(_power(plain), _power(kept))
+            reply_playing=playing, voiced=holds_voice(_power(plain), _power(kept))
         )
         if sent is Sent.PLAIN:
             return plain

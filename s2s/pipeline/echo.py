@@ -1,5 +1,6 @@
 """Telling the user's voice from the assistant's own voice coming back through the microphone,
-for clients that do not cancel their echo.
+by level, for clients that do not cancel their echo when the server does not cancel it for
+them either (``s2s-server --server-aec off``; ``s2s/server/reply_echo.py`` does).
 
 The gate measures the echo path of each session instead of assuming one. While a reply plays
 and the microphone holds no more than echo, it fits how the microphone's power follows the

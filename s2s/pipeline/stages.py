@@ -80,6 +80,20 @@ class Resampler(Protocol):
     def push(self, samples: Samples, last: bool = False) -> Samples: ...
 
 
+class EchoCanceller(Protocol):
+    """Takes the reply's echo out of the microphone (``s2s.server.reply_echo``)."""
+
+    def cancel(self, samples: Samples, ends_at: float) -> Samples:
+        """A chunk spoken up to ``ends_at`` (monotonic seconds): the cleaned stream so far
+        (whole blocks, in order; held back for a moment at a reply's start)."""
+        ...
+
+    @property
+    def converged(self) -> bool:
+        """Whether it has learned the room: until then the echo gate decides as well."""
+        ...
+
+
 REPLIES_TRACKED = 8
 """Replies per session whose first audio is remembered (only the current one matters)."""
 LOUD_SHARE = 0.75
@@ -110,10 +124,15 @@ class VadStage(Stage[AudioChunk | InputCommand, SpeechSegment]):
         sample_rate_hz: int,
         echo_gate: EchoGate | None = None,
         min_speech_ms: int = 300,
+        echo_canceller: EchoCanceller | None = None,
     ) -> None:
+        """``echo_gate`` tells the user from the reply's echo by level; ``echo_canceller``
+        removes the echo before the VAD hears it: once it has learned the room, speech is
+        speech, and the gate (if any) is no longer asked."""
         self._vad = vad
         self._sample_rate_hz = sample_rate_hz
         self._echo_gate = echo_gate
+        self._echo_canceller = echo_canceller
         self._min_speech_samples = min_speech_ms * sample_rate_hz // 1000
         self._dip_samples = round(ECHO_DIP_S * sample_rate_hz)
         # Loudness is tracked in sample positions, not arrival times: a stalled or bursty
@@ -140,7 +159,10 @@ class VadStage(Stage[AudioChunk | InputCommand, SpeechSegment]):
         self._stream_end = chunk_end
         self._clock.observe(chunk_end, item.received_at)
         self._track_loudness(item, chunk_end)
-        yield from self._segments(self._vad.push(item.samples), ctx)
+        samples = item.samples
+        if self._echo_canceller is not None:
+            samples = self._echo_canceller.cancel(samples, self._clock.time_of(chunk_end))
+        yield from self._segments(self._vad.push(samples), ctx)
         self._user_spoke_up(ctx)
 
     def _command(self, item: InputCommand, ctx: StageContext) -> Iterator[SpeechSegment]:
@@ -253,6 +275,8 @@ class VadStage(Stage[AudioChunk | InputCommand, SpeechSegment]):
         """Speech while the reply plays is taken for its echo unless the microphone has
         already been louder than that echo for the minimum onset (a cough is too short)."""
         if self._echo_gate is None:
+            return False
+        if self._echo_canceller is not None and self._echo_canceller.converged:
             return False
         if not self._echo_gate.reply_playing(self._time_of(onset), self._time_of(self._stream_end)):
             return False

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from websockets.http11 import Request, Response
 from websockets.sync.server import Server, ServerConnection, serve
 
+from s2s.models.echo_cancel import EchoCancelOptions
 from s2s.pipeline.deadline import Deadline
 from s2s.pipeline.echo import EchoOptions
 from s2s.pipeline.history import HistoryOptions
@@ -60,8 +61,11 @@ class ServerConfig:
     max_frame_bytes: int = MAX_FRAME_BYTES
     limits: SessionLimits = field(default_factory=SessionLimits)
     echo: EchoOptions | None = field(default_factory=EchoOptions)
-    """How the assistant's own voice in the microphone is told from the user's; None: off
-    (every onset during a reply interrupts it)."""
+    """How the assistant's own voice in the microphone is told from the user's, for clients
+    that do not cancel it; None: off (every onset during a reply interrupts it)."""
+    echo_cancel: EchoCancelOptions | None = field(default_factory=EchoCancelOptions)
+    """The server cancels the echo for clients that do not (with ``echo`` set); None: the
+    level estimate of ``echo`` decides."""
     vad: VadOptions = field(default_factory=VadOptions)
     """The turn detection sessions start with (Realtime clients see it and may change it)."""
     system_prompt: str = HistoryOptions().system_prompt
@@ -352,6 +356,7 @@ class S2SServer:
                     self.config.echo,
                     self,
                     on_ended=lambda: self._release(session_id),
+                    echo_cancel_options=self.config.echo_cancel,
                 )
                 self._sessions[session_id] = session
         if refusal is not None:

@@ -16,7 +16,14 @@ from s2s.pipeline.messages import Event, Message
 from s2s.pipeline.pipeline import Pipeline
 from s2s.pipeline.segmenter import VAD_SAMPLE_RATE_HZ
 from s2s.pipeline.stage import Stage
-from s2s.pipeline.stages import LlmStage, SttStage, TtsStage, VadStage, VoiceActivity
+from s2s.pipeline.stages import (
+    EchoCanceller,
+    LlmStage,
+    SttStage,
+    TtsStage,
+    VadStage,
+    VoiceActivity,
+)
 
 
 def build_session_pipeline(
@@ -31,6 +38,7 @@ def build_session_pipeline(
     baseline: bool = False,
     speculate: bool = True,
     echo_gate: EchoGate | None = None,
+    echo_canceller: EchoCanceller | None = None,
     voice_activity: VoiceActivity | None = None,
     vad_overrides: Mapping[str, float] | None = None,
 ) -> Pipeline:
@@ -55,6 +63,7 @@ def build_session_pipeline(
             VAD_SAMPLE_RATE_HZ,
             echo_gate,
             vad_options.min_speech_ms,
+            echo_canceller,
         ),
         SttStage(models.stt, models.speculation if speculate and not baseline else None),
         LlmStage(

@@ -20,6 +20,7 @@ from dataclasses import replace
 from types import FrameType
 from typing import Any, NoReturn
 
+from s2s.models.echo_cancel import EchoCancelOptions
 from s2s.models.errors import ModelUnavailable
 from s2s.models.llm import ENGINES, OpenAIOptions
 from s2s.models.profiles import (
@@ -32,8 +33,10 @@ from s2s.models.profiles import (
 from s2s.pipeline.echo import EchoOptions
 from s2s.pipeline.history import HistoryOptions
 from s2s.pipeline.pipeline import Pipeline
+from s2s.pipeline.segmenter import VAD_SAMPLE_RATE_HZ
 from s2s.server.app import DEFAULT_PORT, S2SServer, ServerConfig
 from s2s.server.assembly import build_session_pipeline
+from s2s.server.reply_echo import ReplyEchoCanceller
 from s2s.server.session import SessionLimits
 
 log = logging.getLogger("s2s.server")
@@ -143,10 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
         "300",
     )
     option(
+        "server-aec",
+        "for clients without echo cancellation: on (default), the server cancels the reply's "
+        "echo in their microphone (WebRTC's AEC3 and speexdsp, as the client does); off, it "
+        "tells the user from the echo by level (a measured estimate, --echo-ratio before it)",
+        "on",
+        choices=["on", "off"],
+    )
+    option(
         "echo-ratio",
-        "for clients without echo cancellation, until the session's echo is measured (its "
-        "first second of reply): speech interrupts only if the mic is louder than this times "
-        "the reply's level (default 0.5, -6 dB; 0: no echo gate at all, any speech interrupts)",
+        "with --server-aec off, until the session's echo is measured (its first second of "
+        "reply): speech interrupts only if the mic is louder than this times the reply's "
+        "level (default 0.5, -6 dB); 0: no echo handling at all, any speech interrupts "
+        "(headsets)",
         "0.5",
     )
     option(
@@ -214,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         return build_session_pipeline(loaded[0], history_options=history, **kwargs)
 
     config = server_config(args, profile, history)
+    if config.echo is not None and config.echo_cancel is not None:
+        try:  # a missing library fails here, not at the first session
+            ReplyEchoCanceller(VAD_SAMPLE_RATE_HZ, config.echo_cancel).start()
+        except ModelUnavailable as exc:
+            print(f"s2s-server: error: {exc}", file=sys.stderr)
+            return 2
     # Bound first, so a port in use fails at once and /readyz answers (503) while loading.
     server = S2SServer(config, build, models_info=None)
     try:
@@ -250,6 +268,7 @@ def server_config(
         max_sessions=int(args.max_sessions),
         max_opening=int(args.max_opening),
         echo=EchoOptions(ratio=ratio) if ratio > 0 else None,  # 0: no echo test (headsets)
+        echo_cancel=EchoCancelOptions() if args.server_aec == "on" else None,
         limits=SessionLimits(
             idle_timeout_s=float(args.idle_timeout_s),
             send_timeout_s=float(args.send_timeout_s),

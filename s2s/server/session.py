@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection
 
 from s2s.models.audio import StreamResampler, from_pcm16, to_pcm16
+from s2s.models.echo_cancel import EchoCancelOptions
 from s2s.pipeline.echo import EchoGate, EchoOptions
 from s2s.pipeline.messages import (
     AudioChunk,
@@ -46,6 +47,7 @@ from s2s.pipeline.stages import LlmStage
 from s2s.server.admission import AudioBudget, AudioMeter
 from s2s.server.playback import ReplyLedger
 from s2s.server.protocol import CloseCodes
+from s2s.server.reply_echo import ReplyEchoCanceller
 from s2s.server.wire import (
     Audio,
     Command,
@@ -67,14 +69,14 @@ log = logging.getLogger(__name__)
 
 PipelineFactory = Callable[..., Pipeline]
 OUTPUT_FRAME_MS = 100
-ECHO_CANCELLED_VAD_THRESHOLD = 0.4
-"""The VAD's speech threshold when the client cancels its echo (default 0.5). An echo
-canceller's suppressor also turns the user down while the reply plays (double talk), and the
-VAD's probability with it: on a simulated room at -10 dB of echo, a user at -30 dBFS was
-missed 1 time in 12 and heard up to 850 ms late at 0.5, never missed and at most 570 ms late
-at 0.4; the echo, cancelled by 45-50 dB, triggered it at neither."""
 """Reply audio goes out in frames of at most this much: far below the frame-size limit, and
 small enough that an interrupted reply leaves little audio in flight."""
+ECHO_CANCELLED_VAD_THRESHOLD = 0.4
+"""The VAD's speech threshold when the echo is cancelled, by the client or by the server
+(default 0.5). An echo canceller's suppressor also turns the user down while the reply plays
+(double talk), and the VAD's probability with it: on a simulated room at -10 dB of echo, a
+user at -30 dBFS was missed 1 time in 12 and heard up to 850 ms late at 0.5, never missed and
+at most 570 ms late at 0.4; the echo, cancelled by 45-50 dB, triggered it at neither."""
 PACE_AHEAD_S = 0.3
 """Reply audio is sent at most this far ahead of where the client's playback is, so what was
 sent is close to what was heard, and an interruption leaves little to flush."""
@@ -164,10 +166,14 @@ class Session:
         wire: WireFormat,
         echo_options: EchoOptions | None = None,
         observer: SessionObserver | None = None,
+        echo_cancel_options: EchoCancelOptions | None = None,
         on_ended: Callable[[], None] | None = None,
     ) -> None:
         """``on_ended`` is called as soon as the connection is over, before the pipeline is
-        torn down, so the server can give the slot to a new connection at once."""
+        torn down, so the server can give the slot to a new connection at once.
+        ``echo_options``: how the reply's echo is told from the user, for clients that do
+        not cancel it (None: it is not; any speech interrupts); ``echo_cancel_options``: the
+        server cancels it for them (None: the level estimate of ``echo_options`` decides)."""
         self.session_id = session_id
         self._observer = observer
         self._on_ended = on_ended
@@ -192,7 +198,11 @@ class Session:
             self._cut_off,
         )
         self._closing = threading.Event()
-        self._echo_gate = EchoGate(echo_options) if echo_options is not None else None
+        self._echo_options = echo_options
+        self._echo_cancel_options = echo_cancel_options
+        # Told of the reply audio as it is sent: the level gate, and the canceller with it.
+        self._echo_gate: EchoGate | None = None
+        self._echo_canceller: ReplyEchoCanceller | None = None
         self._ledger = ReplyLedger()
         self._pacing_wake = threading.Event()  # set to cut a pacing wait short
         self._reply_lock = threading.Lock()  # guards the three fields below
@@ -317,8 +327,14 @@ class Session:
     def _start(self, setup: SessionSetup) -> None:
         self._setup = setup
         vad_overrides = dict(setup.vad_overrides)
-        if setup.echo_cancelled:
-            self._echo_gate = None  # the client's microphone holds no echo: speech is speech
+        if not setup.echo_cancelled and self._echo_options is not None:
+            # The gate alone, or (while the canceller learns the room) beside it.
+            self._echo_gate = EchoGate(self._echo_options)
+            if self._echo_cancel_options is not None:
+                canceller = ReplyEchoCanceller(VAD_SAMPLE_RATE_HZ, self._echo_cancel_options)
+                canceller.start()
+                self._echo_canceller = canceller
+        if setup.echo_cancelled or self._echo_canceller is not None:
             vad_overrides.setdefault("threshold", ECHO_CANCELLED_VAD_THRESHOLD)
         self._resampler = StreamResampler(setup.input_sample_rate_hz, VAD_SAMPLE_RATE_HZ)
         self._pipeline = self._build_pipeline(
@@ -327,6 +343,7 @@ class Session:
             baseline=setup.baseline,
             speculate=setup.speculate,
             echo_gate=self._echo_gate,
+            echo_canceller=self._echo_canceller,
             vad_overrides=vad_overrides,
             deliver=self._deliver,
             on_event=self._on_event,
@@ -454,8 +471,9 @@ class Session:
             with self._send_lock:
                 if cancellation.is_stale(item.generation) or self._closing.is_set():
                     return
-                if self._echo_gate is not None:
-                    self._echo_gate.played(samples, plays_at, item.sample_rate_hz)
+                for listener in (self._echo_gate, self._echo_canceller):
+                    if listener is not None:
+                        listener.played(samples, plays_at, item.sample_rate_hz)
                 self._ledger.sent(
                     item.turn_id, item.chunk_index, item.text, len(samples), item.sample_rate_hz
                 )
@@ -505,8 +523,9 @@ class Session:
             turn_id = self._active_turn if self._active_turn is not None else -1
             self._active_turn = None
             self._playing_until = None
-        if self._echo_gate is not None:
-            self._echo_gate.silence_reply()
+        for listener in (self._echo_gate, self._echo_canceller):
+            if listener is not None:
+                listener.silence_reply()
         assert self._pipeline is not None
         self._pipeline.cancel_turn(reason, turn_id=turn_id)
         self._pacing_wake.set()
