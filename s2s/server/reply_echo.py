@@ -106,14 +106,6 @@ class ReplyEchoCanceller:
         self._blocks_seen = 0
 
     @property
-    def blocks(self) -> int:
-        return self._chain.blocks
-
-    @property
-    def voice_kept_blocks(self) -> int:
-        return self._chain.voice_kept_blocks
-
-    @property
     def converged(self) -> bool:
         """Whether the cancellers' output alone can be trusted (the VAD stage's thread only):
         they have heard LEARNING_S of reply audio, and the current reply's echo path has been
