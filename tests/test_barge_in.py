@@ -15,6 +15,7 @@ import pytest
 
 from s2s.client.room import RoomOptions, at_level
 from s2s.models.audio import resample
+from s2s.models.echo_cancel import EchoCancelOptions
 from s2s.models.profiles import LoadedModels
 from s2s.pipeline.history import INTERRUPTED_MARK, ChatMessage, HistoryOptions
 from s2s.pipeline.messages import Samples
@@ -90,8 +91,8 @@ def chat(cpu_models: LoadedModels) -> RecordingChat:
 def server(
     request: pytest.FixtureRequest, cpu_models: LoadedModels, chat: RecordingChat
 ) -> Iterator[Running]:
-    """The server on the CPU defaults; parametrized indirectly with "server-estimate", it
-    leaves clients without AEC to its level estimate instead of cancelling their echo."""
+    """The server on the CPU defaults; parametrized indirectly with "server-aec", it cancels
+    the echo of clients without AEC instead of leaving them to its level estimate."""
     # The recording wrapper stands in for the LLM (it has the same two methods).
     models = dataclasses.replace(cpu_models, llm=chat)
     history = HistoryOptions(system_prompt=LONG_ANSWERS)
@@ -100,8 +101,8 @@ def server(
         return build_session_pipeline(models, history_options=history, **kwargs)  # type: ignore[arg-type]
 
     changes: dict[str, Any] = {}
-    if getattr(request, "param", None) == "server-estimate":
-        changes["echo_cancel"] = None
+    if getattr(request, "param", None) == "server-aec":
+        changes["echo_cancel"] = EchoCancelOptions()
     running = Running(cpu_models, build=build, **changes)
     yield running
     running.stop()
@@ -113,8 +114,8 @@ ECHO_HANDLING = pytest.mark.parametrize(
     ids=["server-aec", "server-estimate", "client-aec"],
     indirect=["server"],
 )
-"""Who deals with the echo: the server's canceller (the default for clients without one),
-the server's level estimate (``--server-aec off``), the client's canceller."""
+"""Who deals with the echo: the server's canceller (``--server-aec on``), the server's level
+estimate (the default for clients without a canceller), the client's canceller."""
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from s2s.models.audio import resample, to_pcm16
+from s2s.models.echo_cancel import EchoCancelOptions
 from s2s.pipeline.messages import Samples
 from s2s.server.assembly import build_session_pipeline
 from s2s.server.protocol import MAX_FRAME_BYTES, CloseCodes
@@ -452,9 +453,8 @@ def test_an_echo_cancelled_session_listens_with_a_lower_vad_threshold(
     transcriber: GatedTranscriber,
 ) -> None:
     """An echo canceller turns the user down during double talk: sessions whose echo is
-    cancelled, by the client or by the server (its default for the others), get the VAD
-    threshold ECHO_CANCELLED_VAD_THRESHOLD; with --server-aec off, the others keep the
-    profile's."""
+    cancelled, by the client or by the server (``--server-aec on``), get the VAD threshold
+    ECHO_CANCELLED_VAD_THRESHOLD; by default the others keep the profile's."""
     models = fake_models(transcriber)
     asked: list[Any] = []
 
@@ -462,8 +462,8 @@ def test_an_echo_cancelled_session_listens_with_a_lower_vad_threshold(
         asked.append(kwargs.get("vad_overrides"))
         return build_session_pipeline(models, **kwargs)
 
-    cancelled_by_server: dict[str, Any] = {}
-    for changes in (cancelled_by_server, {"echo_cancel": None}):
+    cancelled_by_server: dict[str, Any] = {"echo_cancel": EchoCancelOptions()}
+    for changes in (cancelled_by_server, {}):
         running = Running(models, build=build, **changes)
         try:
             for cancelled in (True, False):

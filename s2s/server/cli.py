@@ -147,18 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     option(
         "server-aec",
-        "for clients without echo cancellation: on (default), the server cancels the reply's "
-        "echo in their microphone (WebRTC's AEC3 and speexdsp, as the client does); off, it "
-        "tells the user from the echo by level (a measured estimate, --echo-ratio before it)",
-        "on",
+        "for clients without echo cancellation: off (default), the server tells the user from "
+        "the echo by level (a measured estimate, --echo-ratio before it); on (experimental), "
+        "it cancels the reply's echo in their microphone (WebRTC's AEC3 and speexdsp, as the "
+        "client does)",
+        "off",
         choices=["on", "off"],
     )
     option(
         "echo-ratio",
-        "with --server-aec off, until the session's echo is measured (its first second of "
-        "reply): speech interrupts only if the mic is louder than this times the reply's "
-        "level (default 0.5, -6 dB); 0: no echo handling at all, any speech interrupts "
-        "(headsets)",
+        "for clients without echo cancellation, until the session's echo is measured (its "
+        "first second of reply): speech interrupts only if the mic is louder than this times "
+        "the reply's level (default 0.5, -6 dB); 0: no echo handling at all, any speech "
+        "interrupts (headsets)",
         "0.5",
     )
     option(
