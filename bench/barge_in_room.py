@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from s2s.client.room import RoomOptions, at_level  # noqa: E402
 from s2s.models.audio import resample  # noqa: E402
+from s2s.models.echo_cancel import EchoCancelOptions  # noqa: E402
 from s2s.models.profiles import LoadedModels, load_models, profile_for  # noqa: E402
 from s2s.pipeline.history import ChatMessage  # noqa: E402
 from s2s.pipeline.messages import Samples  # noqa: E402
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         models,
         max_sessions=CONCURRENT_SESSIONS + 1,
         build=lambda **kwargs: build_session_pipeline(models, **kwargs),
-        **({} if args.server_aec == "on" else {"echo_cancel": None}),
+        echo_cancel=EchoCancelOptions() if args.server_aec == "on" else None,
     )
     without_aec = "server AEC" if args.server_aec == "on" else "server estimate"
     jobs: list[tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = []

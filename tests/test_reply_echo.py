@@ -34,14 +34,15 @@ def cancelled(
     mic: Samples,
     sent_rate_hz: int = RATE,
     clock_jitter_s: float = 0.0,
-    converged: list[bool] | None = None,
+    trusted: list[bool] | None = None,
     behind: list[int] | None = None,
 ) -> Samples:
     """The session's side: each reply (due to play that many seconds after the microphone's
     first sample; at ``sent_rate_hz``) is sent in 100 ms frames, each told SENT_AHEAD_S before
     it plays. The VAD stage's side: ``mic`` through the canceller in chunks, each timed by a
     clock whose offset wanders by up to ``clock_jitter_s``. What the canceller let through;
-    ``converged`` collects whether it trusted its output alone after each chunk, ``behind``
+    ``trusted`` collects whether it trusted its output alone from each chunk's start, after
+    it, ``behind``
     how many samples of the microphone it had not given back yet."""
     frame = round(REPLY_FRAME_S * sent_rate_hz)
     frames = [
@@ -58,8 +59,8 @@ def cancelled(
             canceller.played(samples, plays_at, sent_rate_hz)
         jitter = rng.uniform(0, clock_jitter_s)
         outs.append(canceller.cancel(mic[start : start + CHUNK], spoken_by + jitter))
-        if converged is not None:
-            converged.append(canceller.converged)
+        if trusted is not None:
+            trusted.append(canceller.trusted(start))
         if behind is not None:
             behind.append(start + CHUNK - sum(len(out) for out in outs))
     out = np.concatenate(outs)
@@ -207,9 +208,7 @@ def test_a_reply_that_plays_later_than_the_last_is_cancelled_from_its_start() ->
     echo = echo_through(RoomOptions(delay_ms=100, echo_db=-10), played)
     trusted: list[bool] = []
     waiting: list[int] = []
-    out = cancelled(
-        canceller, [(0.0, reply), (6.0, reply)], echo, converged=trusted, behind=waiting
-    )
+    out = cancelled(canceller, [(0.0, reply), (6.0, reply)], echo, trusted=trusted, behind=waiting)
     second = len(reply) + len(gap)
     first_half_second = slice(second, second + RATE // 2)
     erle = db_of(echo[first_half_second]) - db_of(out[first_half_second])
@@ -226,3 +225,56 @@ def test_a_reply_that_plays_later_than_the_last_is_cancelled_from_its_start() ->
     assert max(waiting[first_reply]) < BLOCK
     assert 4 * BLOCK < max(waiting[second_start]) <= HOLD_MAX_S * RATE + CHUNK
     assert waiting[-1] < BLOCK
+
+
+def test_a_reply_that_opens_with_a_silence_is_held_from_its_first_sound() -> None:
+    """TTS output often opens with a silence. The second reply here opens with 350 ms of it,
+    and plays 10 ms later than the first: the microphone waits for the path from where the
+    reply's first sound can echo, not from where its silence began (the wait would be over
+    before any echo came), and its echo is removed from that first sound on."""
+    canceller = started()
+    reply = speech_like(5.0, seed=34, dbfs=-20)
+    opening = np.zeros(round(0.35 * RATE), dtype=np.float32)
+    second_reply = np.concatenate([opening, reply])
+    gap = np.zeros(RATE, dtype=np.float32)
+    played = np.concatenate([reply, gap, late_by(second_reply, RATE // 100), gap])
+    echo = echo_through(RoomOptions(delay_ms=100, echo_db=-10), played)
+    trusted: list[bool] = []
+    waiting: list[int] = []
+    out = cancelled(
+        canceller, [(0.0, reply), (6.0, second_reply)], echo, trusted=trusted, behind=waiting
+    )
+    sound = round(6.35 * RATE)
+    first_half_second = slice(sound, sound + RATE // 2)
+    erle = db_of(echo[first_half_second]) - db_of(out[first_half_second])
+    print(f"second reply: found {canceller.shift} samples late; ERLE {erle:.1f} dB")
+    assert canceller.shift == RATE // 100
+    assert erle >= 30.0  # 18 dB when the wait counted from the silence
+    opening_chunks = slice(round(6.1 * RATE) // CHUNK, round(6.3 * RATE) // CHUNK)
+    assert max(waiting[opening_chunks]) < BLOCK  # nothing of its echo yet: nothing held
+    sound_chunks = slice(round(6.4 * RATE) // CHUNK, round(6.9 * RATE) // CHUNK)
+    assert max(waiting[sound_chunks]) > 4 * BLOCK
+    assert not any(trusted[round(6.0 * RATE) // CHUNK : round(6.5 * RATE) // CHUNK])
+    assert trusted[round(7.2 * RATE) // CHUNK]
+
+
+def test_a_reply_whose_path_is_found_only_after_the_wait_is_not_trusted_for_a_while() -> None:
+    """The user talks over the second reply's first 800 ms, louder than its echo: its path
+    cannot be found until they stop, the wait runs out, and the cancellers take the reply at
+    the old shift meanwhile. Once it is found they need RELEARN_S to settle: until then the
+    VAD must not trust them alone (speech from that reply's start on is not trusted)."""
+    canceller = started()
+    reply = speech_like(5.0, seed=35, dbfs=-20)
+    gap = np.zeros(RATE, dtype=np.float32)
+    played = np.concatenate([reply, gap, late_by(reply, RATE // 100), gap])
+    echo = echo_through(RoomOptions(delay_ms=100, echo_db=-10), played)
+    mic = echo.copy()
+    voice = speech_like(0.8, seed=36, dbfs=-16)
+    mic[6 * RATE : 6 * RATE + len(voice)] += voice
+    trusted: list[bool] = []
+    cancelled(canceller, [(0.0, reply), (6.0, reply)], mic, trusted=trusted)
+    chunk_at = [round(s * RATE) // CHUNK for s in (5.5, 6.5, 7.5, 9.0)]
+    print("trusted at 5.5, 6.5, 7.5, 9.0 s:", [trusted[k] for k in chunk_at])
+    assert [trusted[k] for k in chunk_at] == [True, False, False, True]
+    assert canceller.shift == RATE // 100
+    assert not canceller.trusted(6 * RATE)  # an onset at the reply's start, judged at the end

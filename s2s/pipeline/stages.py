@@ -88,9 +88,10 @@ class EchoCanceller(Protocol):
         (whole blocks, in order; held back for a moment at a reply's start)."""
         ...
 
-    @property
-    def converged(self) -> bool:
-        """Whether it has learned the room: until then the echo gate decides as well."""
+    def trusted(self, since: int) -> bool:
+        """Whether speech that began at microphone sample ``since`` can be taken for the
+        user's on its output alone (it had learned the room, and no reply's start was still
+        settling there): where not, the echo gate decides as well."""
         ...
 
 
@@ -276,7 +277,7 @@ class VadStage(Stage[AudioChunk | InputCommand, SpeechSegment]):
         already been louder than that echo for the minimum onset (a cough is too short)."""
         if self._echo_gate is None:
             return False
-        if self._echo_canceller is not None and self._echo_canceller.converged:
+        if self._echo_canceller is not None and self._echo_canceller.trusted(onset):
             return False
         if not self._echo_gate.reply_playing(self._time_of(onset), self._time_of(self._stream_end)):
             return False

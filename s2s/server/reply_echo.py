@@ -49,11 +49,22 @@ FRESH_S = 0.6
 long, until found: the sooner the reply is read at its new shift, the
 less the cancellers (AEC3's own delay search among them) move to the shifted path meanwhile,
 and the sooner they are right again."""
-HOLD_MAX_S = 0.3
+HOLD_MAX_S = 0.4
 """At a reply's start, the microphone waits for the echo path to be found at most this long
-(it is found about 150 ms into the echo). Meanwhile the cancellers are not given the new
+from where the reply's first audible sound can echo (it is found about 150 ms into the echo;
+a reply that opens softly takes longer). Meanwhile the cancellers are not given the new
 reply at a shift it does not play at: they would start to learn the wrong path, and then
 unlearn it (AEC3 also moves its own delay), letting echo through for half a second."""
+AUDIBLE = 10 ** (-50 / 20)
+"""A reply sample this loud (-50 dBFS) is sound its echo can be found in: TTS output often
+opens with a silence, and the hold counts from the first sound after it."""
+SETTLE_S = 0.2
+"""After a reply's echo path is found, the cancellers' output is trusted alone (see
+``trusted``) only from this much later: their first blocks at the new shift."""
+RELEARN_S = 1.0
+"""When the hold ran out before the path was found, the cancellers took some of the reply at
+the old shift: they move to it again, and leak echo meanwhile, for this long after it is
+found."""
 MIN_WINDOW_S = 0.06
 """The least of a new reply's echo the path is looked for in."""
 MAX_PATH_S = 0.6
@@ -70,6 +81,12 @@ they have learned the room they let echo through, and a cough at 1 s into the se
 reply, with that echo, made 300 ms of speech and interrupted it. Until then the level gate
 (``s2s/pipeline/echo.py``) decides as well, as it does for clients the server does not cancel
 for."""
+ONSET_LEAD_S = 0.2
+"""The VAD places an onset up to this much before the speech it heard (it looks back for
+where the voice began, and bridges short gaps): echo that leaked at a reply's start may be
+given an onset a little before it."""
+UNTRUSTED_KEPT = 4
+"""Reply starts remembered for ``trusted`` (a VAD onset looks back a second at most)."""
 CONTIGUOUS_S = 0.002
 """A frame due to play within this of where the last one ended continues it (the resampler
 keeps its state); further off, the reply restarted on the timeline (a client that ran dry)."""
@@ -98,21 +115,34 @@ class ReplyEchoCanceller:
         self._aligner = PlaybackAligner(rate_hz)
         self._recent = np.zeros(self._aligner.window, dtype=np.float32)  # the raw microphone
         self._align_every = max(1, round(ALIGN_EVERY_S * rate_hz / self._block))
-        self._fresh_until = -1  # timeline sample: until then, look for the path at every block
         self._reply_from = 0  # timeline sample where the current reply's audio began
+        self._audible_from: int | None = None  # and where it is first audible (once known)
+        self._audible_scan = 0  # the reply is silent from _reply_from up to here
         self._anchor: int | None = None  # timeline sample of microphone sample 0
         self._held: list[tuple[Samples, int]] = []  # blocks waiting for the path, and ends
         self._path_found = True  # for the current reply (the first: see LEARNING_S)
+        self._spilled = False  # blocks of the current reply's echo went on at the old shift
         self._blocks_seen = 0
+        # Which microphone samples (the VAD's sample positions) the cancellers' output cannot
+        # be trusted alone for: before they learned the room, and from each reply's start
+        # until its path is found and settled ([first, end); end None: not found yet).
+        self._learned_at: int | None = None
+        self._untrusted: deque[tuple[int, int | None]] = deque(maxlen=UNTRUSTED_KEPT)
 
-    @property
-    def converged(self) -> bool:
-        """Whether the cancellers' output alone can be trusted (the VAD stage's thread only):
-        they have heard LEARNING_S of reply audio, and the current reply's echo path has been
-        found (if a reply's is not, in double talk say, it reaches them at the last reply's
-        shift, which may be off)."""
-        learned = self._chain.reply_blocks * self._block >= LEARNING_S * self.rate_hz
-        return learned and self._path_found
+    def trusted(self, since: int) -> bool:
+        """Whether speech that began at microphone sample ``since`` can be taken for the
+        user's on the cancellers' output alone (the VAD stage's thread only): they had heard
+        LEARNING_S of reply audio by then, and it did not begin while a reply's start was
+        still unsettled (that reply's echo path not yet found, or found and not settled: a
+        reply whose path is not found, in double talk say, reaches them at the last reply's
+        shift, which may be off; one found late, after the hold, leaks for RELEARN_S).
+        Speech that began before a reply started is no echo of it."""
+        if self._learned_at is None or since < self._learned_at:
+            return False
+        lead = round(ONSET_LEAD_S * self.rate_hz)
+        return not any(
+            first - lead <= since and (end is None or since < end) for first, end in self._untrusted
+        )
 
     @property
     def shift(self) -> int:
@@ -172,54 +202,89 @@ class ReplyEchoCanceller:
             self._anchor = anchor
         whole = len(self._near) - len(self._near) % self._block
         last_end = self._anchor + self._mic_end - (len(self._near) - whole)
+        first_index = self._mic_end - len(self._near)  # the microphone sample near[0] is
         cleaned: list[Samples] = []
         for begin in range(0, whole, self._block):
             end = last_end - (whole - begin - self._block)
             near = self._near[begin : begin + self._block]
             self._recent = np.concatenate([self._recent[len(near) :], near])
             self._blocks_seen += 1
-            self._follow_reply(end)
-            fresh = end < self._fresh_until
+            self._follow_reply(end, first_index + begin)
+            echo_from = self._echo_from()
+            fresh = (
+                not self._path_found
+                and echo_from is not None
+                and end <= echo_from + FRESH_S * self.rate_hz
+            )
             if (fresh or self._blocks_seen % self._align_every == 0) and self._look_for_path(
                 end, fresh
             ):
-                self._fresh_until = -1
-                self._path_found = True
+                if not self._path_found:
+                    self._path_found = True
+                    settle = RELEARN_S if self._spilled else SETTLE_S
+                    first, _ = self._untrusted[-1]
+                    block_end = first_index + begin + self._block
+                    self._untrusted[-1] = (first, block_end + round(settle * self.rate_hz))
                 fresh = False
             self._held.append((near, end))
-            echo_from = self._echo_from()
-            if (
-                fresh
-                and echo_from is not None
-                and echo_from < end <= echo_from + HOLD_MAX_S * self.rate_hz
-            ):
-                continue  # the new reply's echo may be in it: wait for its path
+            if not self._path_found and echo_from is not None and echo_from < end:
+                if fresh and end <= echo_from + HOLD_MAX_S * self.rate_hz:
+                    continue  # the new reply's echo may be in it: wait for its path
+                self._spilled = True  # the hold ran out: the echo goes on at the old shift
             for held, held_end in self._held:
                 read_at = held_end - self._aligner.shift
                 far = self._reply_over(read_at - self._block, read_at)
                 cleaned.append(self._chain.process(held, far))
             self._held.clear()
+            if self._learned_at is None and (
+                self._chain.reply_blocks * self._block >= LEARNING_S * self.rate_hz
+            ):
+                self._learned_at = first_index + begin + self._block
         self._near = self._near[whole:]
         return np.concatenate(cleaned) if cleaned else np.zeros(0, dtype=np.float32)
 
-    def _follow_reply(self, end: int) -> None:
+    def _follow_reply(self, end: int, index: int) -> None:
         """Note where the reply starts anew on the timeline (``played`` saw it), once the
-        microphone block ending at timeline sample ``end`` reads it."""
+        microphone block ending at timeline sample ``end`` (microphone sample ``index`` on)
+        reads it."""
         read_at = end - self._aligner.shift
         with self._lock:
             started = None
             while self._stretches and self._stretches[0] < read_at:
                 started = self._stretches.popleft()
-        if started is not None:
-            self._fresh_until = end + round(FRESH_S * self.rate_hz)
-            self._reply_from = started
-            self._path_found = self._aligner.path_lag is None  # nothing to look for yet
+        if started is None:
+            return
+        self._reply_from = started
+        self._audible_from = None
+        self._audible_scan = started
+        self._spilled = False
+        self._path_found = self._aligner.path_lag is None  # nothing to look for yet
+        if self._path_found:
+            return
+        if self._untrusted and self._untrusted[-1][1] is None:
+            # The last reply's path was never found (all of it soft, or talked over): its
+            # echo is no better known now, so the span goes on until this one's is found.
+            index = self._untrusted.pop()[0]
+        self._untrusted.append((index, None))
 
     def _echo_from(self) -> int | None:
-        """The earliest timeline sample of the microphone where the current reply's echo can
-        be, on the path learned (None: none learned yet)."""
+        """The earliest timeline sample of the microphone where the current reply's first
+        audible sound can echo, on the path learned (None: no path learned yet, or nothing
+        of the reply audible yet)."""
         lag = self._aligner.path_lag
-        return None if lag is None else self._reply_from + lag - self._aligner.max_shift
+        if lag is None:
+            return None
+        if self._audible_from is None:
+            # Looked for up to where the reply is known (sent ahead of its playing).
+            with self._lock:
+                known_to = self._next_index
+            reply = self._reply_over(self._audible_scan, known_to)
+            loud = np.flatnonzero(np.abs(reply) >= AUDIBLE)
+            if not len(loud):
+                self._audible_scan = max(self._audible_scan, known_to)
+                return None
+            self._audible_from = self._audible_scan + int(loud[0])
+        return self._audible_from + lag - self._aligner.max_shift
 
     def _look_for_path(self, end: int, fresh: bool) -> bool:
         """Check the microphone up to timeline sample ``end`` for the echo path. Just after a
