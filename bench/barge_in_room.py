@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         "--server-aec",
         choices=("on", "off"),
         default="on",
-        help="without the client's AEC: the server cancels the echo (on; the server's own "
-        "default is off) or its level estimate decides (off)",
+        help="without the client's AEC: the server cancels the echo (on, the server's "
+        "default) or its level estimate decides (off)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/barge-in-room.json")
     parser.add_argument(

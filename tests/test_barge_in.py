@@ -15,7 +15,6 @@ import pytest
 
 from s2s.client.room import RoomOptions, at_level
 from s2s.models.audio import resample
-from s2s.models.echo_cancel import EchoCancelOptions
 from s2s.models.profiles import LoadedModels
 from s2s.pipeline.history import INTERRUPTED_MARK, ChatMessage, HistoryOptions
 from s2s.pipeline.messages import Samples
@@ -91,8 +90,8 @@ def chat(cpu_models: LoadedModels) -> RecordingChat:
 def server(
     request: pytest.FixtureRequest, cpu_models: LoadedModels, chat: RecordingChat
 ) -> Iterator[Running]:
-    """The server on the CPU defaults; parametrized indirectly with "server-aec", it cancels
-    the echo of clients without AEC instead of leaving them to its level estimate."""
+    """The server on the CPU defaults; parametrized indirectly with "server-estimate", it
+    leaves clients without AEC to its level estimate instead of cancelling their echo."""
     # The recording wrapper stands in for the LLM (it has the same two methods).
     models = dataclasses.replace(cpu_models, llm=chat)
     history = HistoryOptions(system_prompt=LONG_ANSWERS)
@@ -101,8 +100,8 @@ def server(
         return build_session_pipeline(models, history_options=history, **kwargs)  # type: ignore[arg-type]
 
     changes: dict[str, Any] = {}
-    if getattr(request, "param", None) == "server-aec":
-        changes["echo_cancel"] = EchoCancelOptions()
+    if getattr(request, "param", None) == "server-estimate":
+        changes["echo_cancel"] = None
     running = Running(cpu_models, build=build, **changes)
     yield running
     running.stop()
@@ -114,8 +113,8 @@ ECHO_HANDLING = pytest.mark.parametrize(
     ids=["server-aec", "server-estimate", "client-aec"],
     indirect=["server"],
 )
-"""Who deals with the echo: the server's canceller (``--server-aec on``), the server's level
-estimate (the default for clients without a canceller), the client's canceller."""
+"""Who deals with the echo: the server's canceller (the default for clients without one),
+the server's level estimate (``--server-aec off``), the client's canceller."""
 
 
 @pytest.fixture
@@ -234,20 +233,13 @@ def test_a_cough_does_not_interrupt(server: Running, speak: Callable[[str], Samp
     assert [r.event["turn_id"] for r in user.events("transcript") if r.event] == [0]
 
 
-@pytest.mark.parametrize(
-    ("server", "aec"),
-    [("server-estimate", False), ("client-aec", True)],
-    ids=["server-estimate", "client-aec"],
-    indirect=["server"],
-)
+@ECHO_HANDLING
 def test_the_assistants_own_voice_does_not_interrupt_it(
     server: Running, speak: Callable[[str], Samples], aec: bool
 ) -> None:
     """Two replies come back into the microphone through a room (-10 dB, 100 ms late, 200 ms
     of reverberation) all the way through: no interruption, and the echo never becomes a turn
-    of its own, whether the server's level estimate (the default) or the client's canceller
-    deals with it. (The server's experimental canceller, --server-aec on, does not hold this
-    yet: the echo alone sometimes interrupts it at a reply's start; see the README.)"""
+    of its own, whoever deals with it."""
     user = ScriptedUser(server.url, room=ROOM, aec=aec)
     question = speak("Tell me about the history of Paris.")
     try:

@@ -453,8 +453,9 @@ def test_an_echo_cancelled_session_listens_with_a_lower_vad_threshold(
     transcriber: GatedTranscriber,
 ) -> None:
     """An echo canceller turns the user down during double talk: sessions whose echo is
-    cancelled, by the client or by the server (``--server-aec on``), get the VAD threshold
-    ECHO_CANCELLED_VAD_THRESHOLD; by default the others keep the profile's."""
+    cancelled, by the client or by the server (``--server-aec on``, the default), get the VAD
+    threshold ECHO_CANCELLED_VAD_THRESHOLD; with ``--server-aec off`` the others keep the
+    profile's."""
     models = fake_models(transcriber)
     asked: list[Any] = []
 
@@ -463,7 +464,7 @@ def test_an_echo_cancelled_session_listens_with_a_lower_vad_threshold(
         return build_session_pipeline(models, **kwargs)
 
     cancelled_by_server: dict[str, Any] = {"echo_cancel": EchoCancelOptions()}
-    for changes in (cancelled_by_server, {}):
+    for changes in (cancelled_by_server, {"echo_cancel": None}):
         running = Running(models, build=build, **changes)
         try:
             for cancelled in (True, False):

@@ -27,21 +27,23 @@ def test_echo_ratio_0_turns_the_echo_test_off() -> None:
 
 
 def test_server_aec_on_cancels_the_echo_and_off_leaves_it_to_the_level_estimate() -> None:
-    """--server-aec on: the server cancels the echo for clients that do not; off (default):
-    the level estimate of --echo-ratio decides."""
-    assert config_for(["--server-aec", "on"]).echo_cancel == EchoCancelOptions()
-    for off in (config_for([]), config_for(["--server-aec", "off"])):
-        assert off.echo_cancel is None
-        assert off.echo == EchoOptions(ratio=0.5)
+    """--server-aec on (default): the server cancels the echo for clients that do not; off:
+    the level estimate of --echo-ratio decides alone."""
+    for on in (config_for([]), config_for(["--server-aec", "on"])):
+        assert on.echo_cancel == EchoCancelOptions()
+    off = config_for(["--server-aec", "off"])
+    assert off.echo_cancel is None
+    assert off.echo == EchoOptions(ratio=0.5)
 
 
 def test_a_server_without_the_echo_cancellers_says_so_at_start() -> None:
-    """Without livekit (an install without the server's extras), --server-aec on fails at
-    once with exit 2 and one line naming the package and the way out, before any model loads."""
+    """Without livekit (an install without the server's extras), the server (--server-aec on
+    by default) fails at once with exit 2 and one line naming the package and the way out,
+    before any model loads."""
     code = (
         "import sys; sys.modules['livekit'] = None; sys.modules['livekit.rtc'] = None; "
         "from s2s.server.cli import main; "
-        "sys.exit(main(['--device', 'cpu', '--port', '0', '--server-aec', 'on']))"
+        "sys.exit(main(['--device', 'cpu', '--port', '0']))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False

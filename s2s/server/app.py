@@ -63,9 +63,10 @@ class ServerConfig:
     echo: EchoOptions | None = field(default_factory=EchoOptions)
     """How the assistant's own voice in the microphone is told from the user's, for clients
     that do not cancel it; None: off (every onset during a reply interrupts it)."""
-    echo_cancel: EchoCancelOptions | None = None
-    """The server cancels the echo for clients that do not (with ``echo`` set; experimental:
-    see the README's barge-in section); None: the level estimate of ``echo`` decides."""
+    echo_cancel: EchoCancelOptions | None = field(default_factory=EchoCancelOptions)
+    """The server cancels the echo for clients that do not (with ``echo`` set: its level
+    estimate decides as well while the cancellers learn, and at each reply's start until
+    they settle); None: the level estimate of ``echo`` decides alone."""
     vad: VadOptions = field(default_factory=VadOptions)
     """The turn detection sessions start with (Realtime clients see it and may change it)."""
     system_prompt: str = HistoryOptions().system_prompt

@@ -147,11 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     option(
         "server-aec",
-        "for clients without echo cancellation: off (default), the server tells the user from "
-        "the echo by level (a measured estimate, --echo-ratio before it); on (experimental), "
-        "it cancels the reply's echo in their microphone (WebRTC's AEC3 and speexdsp, as the "
-        "client does)",
-        "off",
+        "for clients without echo cancellation: on (default), the server cancels the reply's "
+        "echo in their microphone (WebRTC's AEC3 and speexdsp, as the client does); off, it "
+        "tells the user from the echo by level alone (a measured estimate, --echo-ratio "
+        "before it)",
+        "on",
         choices=["on", "off"],
     )
     option(
