@@ -278,6 +278,8 @@ class ReplyEchoCanceller:
             # Looked for up to where the reply is known (sent ahead of its playing).
             with self._lock:
                 known_to = self._next_index
+            kept_from = known_to - len(self._reference)  # what is older is no longer kept
+            self._audible_scan = max(self._audible_scan, kept_from)
             reply = self._reply_over(self._audible_scan, known_to)
             loud = np.flatnonzero(np.abs(reply) >= AUDIBLE)
             if not len(loud):
