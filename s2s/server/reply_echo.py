@@ -120,7 +120,6 @@ class ReplyEchoCanceller:
         self._audible_scan = 0  # the reply is silent from _reply_from up to here
         self._anchor: int | None = None  # timeline sample of microphone sample 0
         self._held: list[tuple[Samples, int]] = []  # blocks waiting for the path, and ends
-        self._path_found = True  # for the current reply (the first: see LEARNING_S)
         self._spilled = False  # blocks of the current reply's echo went on at the old shift
         self._blocks_seen = 0
         # Which microphone samples (the VAD's sample positions) the cancellers' output cannot
@@ -212,22 +211,21 @@ class ReplyEchoCanceller:
             self._follow_reply(end, first_index + begin)
             echo_from = self._echo_from()
             fresh = (
-                not self._path_found
+                self._searching
                 and echo_from is not None
                 and end <= echo_from + FRESH_S * self.rate_hz
             )
             if (fresh or self._blocks_seen % self._align_every == 0) and self._look_for_path(
                 end, fresh
             ):
-                if not self._path_found:
-                    self._path_found = True
+                if self._searching:
                     settle = RELEARN_S if self._spilled else SETTLE_S
                     first, _ = self._untrusted[-1]
                     block_end = first_index + begin + self._block
                     self._untrusted[-1] = (first, block_end + round(settle * self.rate_hz))
                 fresh = False
             self._held.append((near, end))
-            if not self._path_found and echo_from is not None and echo_from < end:
+            if self._searching and echo_from is not None and echo_from < end:
                 if fresh and end <= echo_from + HOLD_MAX_S * self.rate_hz:
                     continue  # the new reply's echo may be in it: wait for its path
                 self._spilled = True  # the hold ran out: the echo goes on at the old shift
@@ -258,14 +256,18 @@ class ReplyEchoCanceller:
         self._audible_from = None
         self._audible_scan = started
         self._spilled = False
-        self._path_found = self._aligner.path_lag is None  # nothing to look for yet
-        if self._path_found:
-            return
-        if self._untrusted and self._untrusted[-1][1] is None:
+        if self._aligner.path_lag is None:
+            return  # nothing to look for yet (the first reply: see LEARNING_S)
+        if self._searching:
             # The last reply's path was never found (all of it soft, or talked over): its
             # echo is no better known now, so the span goes on until this one's is found.
             index = self._untrusted.pop()[0]
         self._untrusted.append((index, None))
+
+    @property
+    def _searching(self) -> bool:
+        """Whether the current reply's echo path is still looked for (its span is open)."""
+        return bool(self._untrusted) and self._untrusted[-1][1] is None
 
     def _echo_from(self) -> int | None:
         """The earliest timeline sample of the microphone where the current reply's first
