@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -41,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 from s2s.client.room import RoomOptions, at_level  # noqa: E402
 from s2s.models.audio import resample  # noqa: E402
 from s2s.models.echo_cancel import EchoCancelOptions  # noqa: E402
-from s2s.models.profiles import LoadedModels, load_models, profile_for  # noqa: E402
+from s2s.models.profiles import load_models, profile_for  # noqa: E402
+from s2s.models.tts import Synthesizer  # noqa: E402
 from s2s.pipeline.history import ChatMessage  # noqa: E402
 from s2s.pipeline.messages import Samples  # noqa: E402
 from s2s.server.assembly import build_session_pipeline  # noqa: E402
@@ -84,9 +86,8 @@ class LongAnswers:
             yield word if k == 0 else " " + word
 
 
-def speaker(models: LoadedModels) -> Callable[[str], Samples]:
+def speaker(voice: Synthesizer) -> Callable[[str], Samples]:
     """The user's voice: the Piper voice, pitched down (played 10% slower)."""
-    voice = models.tts
 
     def say(text: str) -> Samples:
         audio = np.concatenate(list(voice.stream(text, lambda: False)))
@@ -184,10 +185,7 @@ def echo_alone(
     """``replies`` long replies with only their echo in the microphone (and, with ``cough``, a
     150 ms burst of voice during each): nothing may interrupt or become a turn."""
     user = ScriptedUser(url, room=room, aec=aec)
-    burst = say("Ha!")
-    loudest = int(np.argmax(np.abs(burst)))
-    start = max(0, loudest - RATE_HZ * 75 // 1000)
-    cough_audio = at_level(burst[start : start + RATE_HZ * 150 // 1000], -20)
+    cough_audio = a_cough(say)
     try:
         turn = -1
         for _ in range(replies):
@@ -207,6 +205,14 @@ def echo_alone(
         "extra_turns": len(turns) - replies,
         "erle_db": erle_db(user),
     }
+
+
+def a_cough(say: Callable[[str], Samples]) -> Samples:
+    """150 ms of a voice at -20 dBFS around its loudest moment: a cough's burst."""
+    burst = say("Ha!")
+    loudest = int(np.argmax(np.abs(burst)))
+    start = max(0, loudest - RATE_HZ * 75 // 1000)
+    return at_level(burst[start : start + RATE_HZ * 150 // 1000], -20)
 
 
 def reply_over(user: ScriptedUser, turn: int, timeout_s: float) -> None:
@@ -271,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
 
     models = load_models(profile_for("cpu"))
-    models = dataclasses.replace(models, llm=LongAnswers())  # type: ignore[arg-type]
-    say = speaker(models)
+    models = dataclasses.replace(models, llm=LongAnswers())
+    say = speaker(models.tts)
     server = Running(
         models,
         max_sessions=CONCURRENT_SESSIONS + 1,
@@ -297,8 +303,15 @@ def main(argv: list[str] | None = None) -> int:
                 jobs.append(
                     (
                         case,
-                        lambda room=room, aec=aec, user_db=user_db, seed=seed: interruptions(
-                            server.url, say, room, aec, user_db, args.trials, random.Random(seed)
+                        functools.partial(
+                            interruptions,
+                            server.url,
+                            say,
+                            room,
+                            aec,
+                            user_db,
+                            args.trials,
+                            random.Random(seed),
                         ),
                     )
                 )
@@ -315,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                 jobs.append(
                     (
                         case,
-                        lambda room=room, aec=aec, kind=kind, seed=seed: echo_alone(
+                        functools.partial(
+                            echo_alone,
                             server.url,
                             say,
                             room,
@@ -354,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     for thread in workers:
         thread.join()
     server.stop()
-    report = {
+    report: dict[str, Any] = {
         "machine": "2-core CPU, CPU defaults",
         "wall_s": round(time.monotonic() - began, 1),
         "results": sorted(

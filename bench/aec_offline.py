@@ -1,0 +1,276 @@
+"""The client's echo canceller and the server's VAD, without sockets or a server: coughs and
+questions over replies by the hundred, so that a change to the canceller shows its effect on
+both ways barge-in fails (a cough that interrupts, a user heard late) in minutes.
+
+The room bench (``barge_in_room.py``) runs the whole service under load, ten events per case,
+and a failure that comes once in a hundred shows there by chance or not at all. Here each
+session is a room (a delay of 50-150 ms, a 200 ms tail, an echo of -10 or -20 dB) and ten turns:
+a prompt at -20 dBFS, a pause for the server's thinking, then 6 s of the long reply from a random
+point (half of them with an underflow: 0.1-0.5 s of silence within), with a 150 ms cough at
+-20 dBFS or a question at the user's level at a random moment 0.5-4 s in. The microphone (the
+room's echo plus the user) goes through the client's ``EchoCanceller`` in lockstep with what the
+speaker played (as in ``tests/scripted_user.py``), and its output through Silero VAD with the
+server's ``VadOptions``: a client that cancels its echo is trusted by the server, so speech the
+VAD reports during a reply is an interruption.
+
+- A cough counts as heard when the VAD reports speech starting from 0.3 s before it to 1.5 s
+  after.
+- A question's delay is from its speech onset to the end of the window in which the VAD
+  reported it (the 300 ms minimum onset included; the socket and the server's queues are not).
+
+Sessions run in two processes (two cores). Prints a table and writes JSON.
+
+    .venv/bin/python bench/aec_offline.py [--sessions 20] [--seed 1] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.barge_in_room import (  # noqa: E402
+    LONG_REPLY,
+    QUESTIONS,
+    a_cough,
+    percentile,
+    room_for,
+    speaker,
+)
+from s2s.client.echo_cancel import EchoCanceller  # noqa: E402
+from s2s.client.room import Room, at_level  # noqa: E402
+from s2s.models.audio import resample  # noqa: E402
+from s2s.models.profiles import profile_for  # noqa: E402
+from s2s.models.tts import load_synthesizer  # noqa: E402
+from s2s.models.vad import WINDOW_SAMPLES, SileroVad, StreamingVad  # noqa: E402
+from s2s.pipeline.messages import Samples  # noqa: E402
+from s2s.pipeline.segmenter import VadOptions, VadStarted  # noqa: E402
+from tests.scripted_user import RATE_HZ, leading_silence_s  # noqa: E402
+
+TURNS_PER_SESSION = 10
+REPLY_S = 6.0
+"""Of the long reply, per turn: the events fall 0.5-4 s in."""
+THINKING_S = (0.8, 1.6)
+"""Between the prompt's end and the reply's start: the server transcribing and thinking."""
+UNDERFLOW_SHARE = 0.5
+UNDERFLOW_S = (0.1, 0.5)
+QUESTION_S = 2.0
+"""Of each question: long past the 300 ms onset, short enough to keep sessions quick."""
+HEARD_FROM_S, HEARD_TO_S = -0.3, 1.5
+"""Speech reported this near a cough is the cough (or what the canceller left of the echo
+around it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Voices:
+    """Every clip the sessions play, synthesized once (Piper's output varies between calls)."""
+
+    reply: Samples
+    prompt: Samples
+    cough: Samples
+    questions: tuple[Samples, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    kind: str  # "cough" or "barge-in"
+    echo_db: float
+    user_db: float | None
+    seed: int
+
+
+def synthesize() -> Voices:
+    voice = load_synthesizer(profile_for("cpu").tts)
+    say = speaker(voice)
+    reply = np.concatenate(list(voice.stream(LONG_REPLY, lambda: False)))
+    return Voices(
+        reply=resample(reply, voice.sample_rate_hz, RATE_HZ).astype(np.float32),
+        prompt=at_level(say("Tell me about Paris."), -20),
+        cough=a_cough(say),
+        questions=tuple(say(q) for q in QUESTIONS),
+    )
+
+
+_voices: Voices | None = None
+_vad_model: SileroVad | None = None
+
+
+def load_worker(voices: Voices) -> None:
+    global _voices, _vad_model
+    _voices, _vad_model = voices, SileroVad.load()
+
+
+def silence(seconds: float) -> Samples:
+    return np.zeros(int(seconds * RATE_HZ), dtype=np.float32)
+
+
+def run_session(job: Job) -> dict[str, Any]:
+    """One room, ten turns; what the VAD made of each event."""
+    assert _voices is not None and _vad_model is not None, "load_worker first"
+    voices, rng = _voices, random.Random(job.seed)
+    room = Room(room_for(job.echo_db, rng), RATE_HZ)
+    canceller = EchoCanceller(RATE_HZ, RATE_HZ)
+    canceller.start()
+    vad = StreamingVad(_vad_model, VadOptions())
+    played: list[Samples] = []
+    spoken: list[Samples] = []
+    events: list[int] = []  # sample of each cough, or of each question's speech onset
+
+    def add(speaker_out: Samples, user: Samples) -> None:
+        n = max(len(speaker_out), len(user))
+        played.append(np.pad(speaker_out, (0, n - len(speaker_out))).astype(np.float32))
+        spoken.append(np.pad(user, (0, n - len(user))).astype(np.float32))
+
+    nothing = np.zeros(0, dtype=np.float32)
+    for turn in range(TURNS_PER_SESSION):
+        add(silence(0.3), voices.prompt)
+        add(silence(rng.uniform(*THINKING_S)), nothing)
+        start = int(rng.uniform(0, len(voices.reply) / RATE_HZ - REPLY_S) * RATE_HZ)
+        reply = voices.reply[start : start + int(REPLY_S * RATE_HZ)]
+        if rng.random() < UNDERFLOW_SHARE:
+            at = int(rng.uniform(0.5, 4.5) * RATE_HZ)
+            reply = np.concatenate([reply[:at], silence(rng.uniform(*UNDERFLOW_S)), reply[at:]])
+        at = int(rng.uniform(0.5, 4.0) * RATE_HZ)
+        user = np.zeros(len(reply), dtype=np.float32)
+        if job.kind == "cough":
+            clip, onset = voices.cough, 0
+        else:
+            assert job.user_db is not None
+            question = voices.questions[turn % len(voices.questions)]
+            clip = at_level(question, job.user_db)[: int(QUESTION_S * RATE_HZ)]
+            onset = int(leading_silence_s(clip) * RATE_HZ)
+        clip = clip[: len(user) - at]
+        user[at : at + len(clip)] = clip
+        events.append(sum(map(len, played)) + at + onset)
+        add(reply, user)
+        add(silence(1.0), nothing)
+
+    speaker_out, microphone_user = np.concatenate(played), np.concatenate(spoken)
+    starts: list[tuple[int, int]] = []  # (where the speech began, the window that reported it)
+    frame = WINDOW_SAMPLES
+    for begin in range(0, len(speaker_out) - frame + 1, frame):
+        out = speaker_out[begin : begin + frame]
+        microphone = room.echo(out) + microphone_user[begin : begin + frame]
+        canceller.reference(out)
+        for event in vad.push(canceller.cancel(microphone)):
+            if isinstance(event, VadStarted):
+                starts.append((event.sample_index, begin + frame))
+    outcomes: list[float | bool | None] = []
+    for at in events:
+        near = [
+            (began, reported)
+            for began, reported in starts
+            if at + HEARD_FROM_S * RATE_HZ < began < at + HEARD_TO_S * RATE_HZ
+        ]
+        if job.kind == "cough":
+            outcomes.append(bool(near))
+        else:
+            outcomes.append((near[0][1] - at) * 1000.0 / RATE_HZ if near else None)
+    return {"job": job, "outcomes": outcomes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sessions", type=int, default=20, help="per case, ten events each (default 20)"
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--echo-db", type=float, nargs="+", default=[-10.0, -20.0])
+    parser.add_argument("--user-db", type=float, nargs="+", default=[-30.0, -26.0, -20.0])
+    parser.add_argument(
+        "--kinds", nargs="+", choices=("cough", "barge-in"), default=["cough", "barge-in"]
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/aec-offline.json")
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    cases = [
+        (kind, echo_db, user_db)
+        for kind in args.kinds
+        for echo_db in args.echo_db
+        for user_db in ([None] if kind == "cough" else args.user_db)
+    ]
+    jobs = [
+        Job(kind, echo_db, user_db, rng.randrange(10**9))
+        for kind, echo_db, user_db in cases
+        for _ in range(args.sessions)
+    ]
+    began = time.monotonic()
+    voices = synthesize()
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2, initializer=load_worker, initargs=(voices,)) as pool:
+        sessions = pool.map(run_session, jobs, chunksize=1)
+    results = []
+    for kind, echo_db, user_db in cases:
+        outcomes = [
+            outcome
+            for session in sessions
+            if (session["job"].kind, session["job"].echo_db, session["job"].user_db)
+            == (kind, echo_db, user_db)
+            for outcome in session["outcomes"]
+        ]
+        results.append(summarize(kind, echo_db, user_db, outcomes))
+    report = {
+        "machine": "2-core CPU, two processes",
+        "method": __doc__.split("\n\n")[1].replace("\n", " "),
+        "sessions_per_case": args.sessions,
+        "seed": args.seed,
+        "wall_s": round(time.monotonic() - began, 1),
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print_table(results)
+    return 0
+
+
+def summarize(
+    kind: str, echo_db: float, user_db: float | None, outcomes: list[float | bool | None]
+) -> dict[str, Any]:
+    if kind == "cough":
+        return {
+            "kind": kind,
+            "echo_db": echo_db,
+            "coughs": len(outcomes),
+            "heard": sum(1 for heard in outcomes if heard),
+        }
+    delays = sorted(d for d in outcomes if isinstance(d, float))
+    return {
+        "kind": kind,
+        "echo_db": echo_db,
+        "user_db": user_db,
+        "questions": len(outcomes),
+        "heard": len(delays),
+        "median_ms": percentile(delays, 0.5),
+        "p95_ms": percentile(delays, 0.95),
+        "over_600_ms": sum(1 for d in delays if d > 600),
+        "max_ms": round(delays[-1], 1) if delays else None,
+    }
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    print("\n| echo | event | heard | onset -> speech reported: median / p95 / max | over 600 ms |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        if r["kind"] == "cough":
+            print(f"| {r['echo_db']:g} dB | cough | {r['heard']}/{r['coughs']} | | |")
+        else:
+            print(
+                f"| {r['echo_db']:g} dB | question at {r['user_db']:g} dBFS | "
+                f"{r['heard']}/{r['questions']} | "
+                f"{r['median_ms']} / {r['p95_ms']} / {r['max_ms']} ms | {r['over_600_ms']} |"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
