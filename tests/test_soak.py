@@ -248,7 +248,7 @@ class PeakRss:
         self._pid = pid
         self.peak = proc_status(pid, "VmRSS")
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._sample, name="rss-sampler")
 
     def __enter__(self) -> PeakRss:
         self._thread.start()
