@@ -15,9 +15,14 @@ from s2s.client.cli import canceller_options
 from s2s.client.echo_cancel import MAX_REFERENCE_S, EchoCancelledSource, EchoCanceller
 from s2s.client.room import Room, RoomOptions, db_of
 from s2s.models.echo_cancel import (
+    AFTER_BURST_S,
+    BURST_BANDS,
     CONVERGE_S,
     NEAR_END_HOLD_S,
+    SPEEX_VOICE_BANDS,
+    SPEEX_VOICE_HOLD_S,
     VOICE_CONFIRM_S,
+    YOUNG_S,
     EchoCancelOptions,
     Sent,
     VoiceSwitch,
@@ -87,8 +92,8 @@ def switched(voiced: list[bool], reply_s: float = 3.0) -> list[Sent]:
     ``reply_s`` before it and goes on playing."""
     switch = VoiceSwitch()
     for _ in range(round(reply_s * BLOCKS_PER_S)):
-        assert switch.step(reply_playing=True, voiced=False) is Sent.PLAIN
-    return [switch.step(reply_playing=True, voiced=v) for v in voiced]
+        assert switch.step(reply_playing=True, voiced=False).sent is Sent.PLAIN
+    return [switch.step(reply_playing=True, voiced=v).sent for v in voiced]
 
 
 def test_a_cough_sends_the_chain_only_tentatively() -> None:
@@ -122,7 +127,46 @@ def test_the_switch_waits_for_the_room_to_be_learned_and_for_a_reply() -> None:
         switch.step(reply_playing=True, voiced=False)
     for _ in range(60):
         switch.step(reply_playing=False, voiced=False)
-    assert {switch.step(reply_playing=False, voiced=True) for _ in range(50)} == {Sent.PLAIN}
+    assert {switch.step(reply_playing=False, voiced=True).sent for _ in range(50)} == {Sent.PLAIN}
+
+
+def test_a_voice_found_in_speex_output_sends_it_at_once() -> None:
+    """Where the echo's power model finds the microphone over the echo and speex's output
+    holds it (a quiet voice both AEC3s mute), speex's output goes out from that block on, for
+    SPEEX_VOICE_HOLD_S; then, the voice gone, the plain AEC3 again."""
+    switch = VoiceSwitch()
+    for _ in range(3 * BLOCKS_PER_S):
+        switch.step(reply_playing=True, voiced=False, bands=0)
+    found = switch.step(reply_playing=True, voiced=False, bands=SPEEX_VOICE_BANDS, speex_voice=True)
+    after = [switch.step(reply_playing=True, voiced=False, bands=0).sent for _ in range(30)]
+    hold = round(SPEEX_VOICE_HOLD_S * BLOCKS_PER_S)
+    assert found.sent is Sent.LINEAR
+    assert after[: hold - 1] == [Sent.LINEAR] * (hold - 1)
+    assert set(after[hold + 1 :]) == {Sent.PLAIN}
+
+
+def after_a_burst(reply_s: float, bands: list[int]) -> list[bool]:
+    """Whether each block is muted, with ``bands`` over the echo, after 150 ms of a loud burst
+    spoken ``reply_s`` into the session's reply audio."""
+    switch = VoiceSwitch()
+    for _ in range(round(reply_s * BLOCKS_PER_S)):
+        switch.step(reply_playing=True, voiced=False, bands=0)
+    for _ in range(15):
+        assert not switch.step(reply_playing=True, voiced=True, bands=BURST_BANDS).muted
+    return [switch.step(reply_playing=True, voiced=False, bands=b).muted for b in bands]
+
+
+def test_echo_after_a_cough_is_muted_while_the_cancellers_are_young() -> None:
+    """In the first YOUNG_S of reply audio, blocks with nothing over the echo are muted for
+    AFTER_BURST_S after a loud burst (the cancellers leak echo after it); a block that stands
+    over the echo is not, and neither is anything once the cancellers have heard YOUNG_S."""
+    window = round(AFTER_BURST_S * BLOCKS_PER_S)
+    young = after_a_burst(2.0, [0] * 10 + [SPEEX_VOICE_BANDS] + [0] * 40)
+    assert young[:10] == [True] * 10
+    assert not young[10]
+    assert young[11 : window - 1] == [True] * (window - 12)
+    assert not any(young[window:])
+    assert not any(after_a_burst(YOUNG_S + 1.0, [0] * 40))
 
 
 def power(dbfs: float) -> float:

@@ -26,6 +26,7 @@ import math
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 
 import numpy as np
 
@@ -97,7 +98,11 @@ class ReplyEchoCanceller:
 
     def __init__(self, rate_hz: int, options: EchoCancelOptions | None = None) -> None:
         self.rate_hz = rate_hz
-        self._chain = CancellerChain(rate_hz, options)
+        # The echo's power model (``watch_near_end``) was measured for the client's
+        # microphone only; here the reply's timeline is found anew at each reply's start,
+        # which that model would have to follow.
+        server_options = options if options is not None else EchoCancelOptions()
+        self._chain = CancellerChain(rate_hz, replace(server_options, watch_near_end=False))
         self._block = self._chain.block_samples
         self._lock = threading.Lock()  # guards the reply side, below
         kept = round(REFERENCE_KEPT_S * rate_hz)
