@@ -20,7 +20,8 @@ VAD reports during a reply is an interruption.
 
 Sessions run in two processes (two cores). Prints a table and writes JSON.
 
-    .venv/bin/python bench/aec_offline.py [--sessions 20] [--seed 1] [--out FILE.json]
+    .venv/bin/python bench/aec_offline.py [--sessions 20] [--seed 1] [--voices clips.npz]
+        [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -90,16 +91,28 @@ class Job:
     seed: int
 
 
-def synthesize() -> Voices:
+def synthesize(cache: Path | None = None) -> Voices:
+    """The clips, from ``cache`` when it exists (written there otherwise): Piper's output varies
+    between calls, and a cough that differs by a little is heard more or less often, so runs
+    that compare two versions of the canceller should share their clips."""
+    if cache is not None and cache.exists():
+        with np.load(cache) as saved:
+            questions = tuple(saved[f"question{k}"] for k in range(len(QUESTIONS)))
+            return Voices(saved["reply"], saved["prompt"], saved["cough"], questions)
     voice = load_synthesizer(profile_for("cpu").tts)
     say = speaker(voice)
     reply = np.concatenate(list(voice.stream(LONG_REPLY, lambda: False)))
-    return Voices(
+    voices = Voices(
         reply=resample(reply, voice.sample_rate_hz, RATE_HZ).astype(np.float32),
         prompt=at_level(say("Tell me about Paris."), -20),
         cough=a_cough(say),
         questions=tuple(say(q) for q in QUESTIONS),
     )
+    if cache is not None:
+        clips: dict[str, Any] = {f"question{k}": q for k, q in enumerate(voices.questions)}
+        clips.update(reply=voices.reply, prompt=voices.prompt, cough=voices.cough)
+        np.savez(cache, **clips)
+    return voices
 
 
 _voices: Voices | None = None
@@ -192,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         "--kinds", nargs="+", choices=("cough", "barge-in"), default=["cough", "barge-in"]
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/aec-offline.json")
+    parser.add_argument(
+        "--voices",
+        type=Path,
+        help="an .npz of the clips to reuse (written on the first run): Piper's voice varies "
+        "between runs, and so do the figures with it",
+    )
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     cases = [
@@ -206,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.sessions)
     ]
     began = time.monotonic()
-    voices = synthesize()
+    voices = synthesize(args.voices)
     context = multiprocessing.get_context("spawn")
     with context.Pool(2, initializer=load_worker, initargs=(voices,)) as pool:
         sessions = pool.map(run_session, jobs, chunksize=1)

@@ -27,6 +27,7 @@ from s2s.models.echo_cancel import (
     Sent,
     VoiceSwitch,
     holds_voice,
+    speex_holds_voice,
 )
 from s2s.pipeline.messages import Samples
 from tests.test_echo_estimate import speech_like
@@ -145,15 +146,28 @@ def test_a_voice_found_in_speex_output_sends_it_at_once() -> None:
     assert set(after[hold + 1 :]) == {Sent.PLAIN}
 
 
-def after_a_burst(reply_s: float, bands: list[int]) -> list[bool]:
-    """Whether each block is muted, with ``bands`` over the echo, after 150 ms of a loud burst
-    spoken ``reply_s`` into the session's reply audio."""
+def after_a_burst(
+    reply_s: float, bands: list[int], powers_dbfs: list[float] | None = None
+) -> list[bool]:
+    """Whether each block is muted, with ``bands`` over the echo (and the plain AEC3's output
+    at ``powers_dbfs``), after 150 ms of a loud burst (at -20 dBFS) spoken ``reply_s`` into
+    the session's reply audio."""
     switch = VoiceSwitch()
     for _ in range(round(reply_s * BLOCKS_PER_S)):
         switch.step(reply_playing=True, voiced=False, bands=0)
+    loud = dict.fromkeys(Sent, power(-20.0))
     for _ in range(15):
-        assert not switch.step(reply_playing=True, voiced=True, bands=BURST_BANDS).muted
-    return [switch.step(reply_playing=True, voiced=False, bands=b).muted for b in bands]
+        assert not switch.step(True, voiced=True, bands=BURST_BANDS, powers=loud).muted
+    levels = powers_dbfs if powers_dbfs is not None else [None] * len(bands)
+    return [
+        switch.step(
+            True,
+            voiced=False,
+            bands=b,
+            powers=None if level is None else dict.fromkeys(Sent, power(level)),
+        ).muted
+        for b, level in zip(bands, levels, strict=True)
+    ]
 
 
 def test_echo_after_a_cough_is_muted_while_the_cancellers_are_young() -> None:
@@ -169,8 +183,39 @@ def test_echo_after_a_cough_is_muted_while_the_cancellers_are_young() -> None:
     assert not any(after_a_burst(YOUNG_S + 1.0, [0] * 40))
 
 
+def test_echo_leaking_far_under_a_cough_is_muted_where_the_young_model_misses_it() -> None:
+    """In the first second the echo model, too, has heard little of the room and finds the
+    cancellers' leak over the echo: a block sent 20 dB and more under the burst is muted
+    all the same, while a voice going on at the burst's level is not; and once the switch is
+    armed, a quiet voice's blocks that far under its loudest syllable are not muted."""
+    window = round(AFTER_BURST_S * BLOCKS_PER_S)
+    bands = [SPEEX_VOICE_BANDS] * (window + 10)
+    leak = after_a_burst(0.3, bands, [-50.0] * len(bands))
+    voice = after_a_burst(0.3, bands, [-28.0] * len(bands))
+    assert leak[: window - 1] == [True] * (window - 1)
+    assert not any(leak[window:])
+    assert not any(voice)
+    assert not any(after_a_burst(CONVERGE_S + 0.5, bands, [-50.0] * len(bands)))
+
+
 def power(dbfs: float) -> float:
     return float(10 ** (dbfs / 10))
+
+
+def test_speex_output_is_a_voice_where_speex_removed_much_less_than_of_the_echo() -> None:
+    """A young speex removes 6-8 dB of the echo: a block it removed 5 dB of is echo, while the
+    same block from a speex that removes 20 dB of the echo holds a voice."""
+    near, passed = power(-25.0), power(-30.0)
+    assert not speex_holds_voice(SPEEX_VOICE_BANDS, near, passed, echo_removed=power(7.0))
+    assert speex_holds_voice(SPEEX_VOICE_BANDS, near, passed, echo_removed=power(20.0))
+    assert speex_holds_voice(SPEEX_VOICE_BANDS, near, power(-27.0), echo_removed=power(7.0))
+    assert not speex_holds_voice(
+        SPEEX_VOICE_BANDS - 1, near, power(-27.0), echo_removed=power(20.0)
+    )
+    assert not speex_holds_voice(
+        SPEEX_VOICE_BANDS, power(-47.0), power(-48.0), echo_removed=power(20.0)
+    )
+    assert not speex_holds_voice(SPEEX_VOICE_BANDS, near, near, echo_removed=power(5.0))
 
 
 def test_a_voice_is_found_in_the_plain_aec3_or_in_both_outputs() -> None:

@@ -24,17 +24,20 @@ NEAR_END_HOLD_S after the last block that held it.
 Both AEC3s can mute a quiet voice over a loud echo for 400 ms and more, while speex alone keeps
 it whole; and all three leave echo behind after a burst of double talk. So a model of the echo's
 power that looks at nothing but the microphone and the reply (``s2s/models/near_end.py``) says
-in which blocks the microphone stands over the echo: where it does and speex passes most of the
-microphone (having removed 6 dB or more of the echo alone so far), speex's output is sent at
-once (SPEEX_VOICE_HOLD_S); and in the first seconds of reply audio, while the cancellers are
+in which blocks the microphone stands over the echo: where it does and speex removed much less
+of the block than it removes of the echo alone (``speex_holds_voice``), speex's output is sent
+at once (SPEEX_VOICE_HOLD_S); and in the first seconds of reply audio, while the cancellers are
 young and leak most, the blocks right after a loud burst (a cough) in which it finds nothing
-over the echo are muted. Offline (``bench/aec_offline.py``), over -10 dB of echo: -30 dBFS
-questions heard 200/200 with p95 395 ms (was 198/200, 610 ms), coughs heard 2/300 (was 4/300).
+over the echo are muted, and in the first second, before the model itself knows the room, those
+20 dB under the burst. Offline (``bench/aec_offline.py``, on the same clips and rooms), coughs
+heard 4 in 1200 (6 before the last two rules) and -30 dBFS questions over -10 dB of echo
+200/200 with p95 389 ms.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,12 +86,17 @@ voice; the echo alone reaches 3 in under 1% of its blocks, the blocks after a co
 SPEEX_PASSES = 10 ** (-6.0 / 10)
 """... when speex's output keeps this much of the microphone's power (within 6 dB: it removed
 little, so the microphone was not mostly echo) ..."""
+SPEEX_UNDER_ECHO = 10 ** (4.0 / 10)
+"""... and removed at least this much (4 dB) less than it removes of the echo alone: in its
+first second or two of reply audio speex removes 6-8 dB of the echo, and half the echo's
+blocks would pass the 6 dB test (the echo sent as a voice, 30 dB over what AEC3 leaves) ..."""
 SPEEX_VOICE_POWER = 10 ** (-45.0 / 10)
 """... is over -45 dBFS ..."""
 SPEEX_LEARNED = 10 ** (6.0 / 10)
 """... and speex has removed at least 6 dB of the echo in the blocks that held nothing else
 (measured with a smoothing of SPEEX_SMOOTHING per block): an unconverged speex passes the echo
-whole, which would pass the test above."""
+whole. (Waiting for 10 dB instead heard a quiet question in a session's first reply 550 ms
+later.)"""
 SPEEX_SMOOTHING = 0.02
 SPEEX_VOICE_HOLD_S = 0.1
 """After a block that speex's output was taken as a voice for, speex's output is sent for
@@ -103,6 +111,12 @@ QUIET_BANDS = 1
 """While young, a block within AFTER_BURST_S of a burst with at most this many bands over the
 echo is muted (MUTE_GAIN): the cancellers, disturbed by the burst, leak the echo after it for
 100-200 ms, which the VAD would hear as the cough going on."""
+UNDER_BURST = 10 ** (-20.0 / 10)
+"""... and, before the switch is armed (CONVERGE_S), so is one whose output is this far (20 dB)
+under the burst's loudest block: in the first second of reply audio the echo model, too, has
+heard little of the room and finds the leak over the echo it expects, while the leak stays
+25 dB and more under the cough. Later, a quiet voice over a loud echo can be that far under
+its own loudest syllable."""
 MUTE_GAIN = 10 ** (-30.0 / 20)
 
 
@@ -188,7 +202,9 @@ class CancellerChain:
         if self._echo_power is not None:
             bands = self._echo_power.step(near, far, echo_only=plain_power < LEAK_POWER)
         if self._linear is None:
-            choice = self._switch.step(playing, voiced=False, bands=bands)
+            choice = self._switch.step(
+                playing, voiced=False, bands=bands, powers={Sent.PLAIN: plain_power}
+            )
             return plain * MUTE_GAIN if choice.muted else plain
         linear = self._linear.cancel_echo(_pcm(near).tolist(), _pcm(far).tolist())
         linear_out = np.asarray(linear, dtype=np.float32) / INT16_SCALE
@@ -196,15 +212,16 @@ class CancellerChain:
         near_power, linear_power = _power(near), _power(linear_out)
         if playing and bands is not None and bands <= QUIET_BANDS:
             self._speex_removed.add(near_power, linear_power)
+        kept_power = _power(kept)
         choice = self._switch.step(
             playing,
-            voiced=holds_voice(plain_power, _power(kept)),
+            voiced=holds_voice(plain_power, kept_power),
             bands=bands,
             speex_voice=bands is not None
-            and bands >= SPEEX_VOICE_BANDS
-            and linear_power > SPEEX_PASSES * near_power
-            and linear_power > SPEEX_VOICE_POWER
-            and self._speex_removed.ratio() > SPEEX_LEARNED,
+            and speex_holds_voice(
+                bands, near_power, linear_power, echo_removed=self._speex_removed.ratio()
+            ),
+            powers={Sent.PLAIN: plain_power, Sent.CHAIN: kept_power, Sent.LINEAR: linear_power},
         )
         if choice.sent is Sent.PLAIN:
             sent = plain
@@ -253,6 +270,21 @@ def holds_voice(plain_power: float, chain_power: float) -> bool:
     )
 
 
+def speex_holds_voice(
+    bands: int, near_power: float, linear_power: float, echo_removed: float
+) -> bool:
+    """Whether speex's output holds the user's voice: the microphone stands over the echo in
+    ``bands`` bands (``EchoPowerModel``) and speex removed much less of this block than it
+    removes of the echo alone (``echo_removed``, a power ratio)."""
+    passes = max(SPEEX_PASSES, SPEEX_UNDER_ECHO / echo_removed)
+    return (
+        bands >= SPEEX_VOICE_BANDS
+        and linear_power > passes * near_power
+        and linear_power > SPEEX_VOICE_POWER
+        and echo_removed > SPEEX_LEARNED
+    )
+
+
 class Sent(enum.Enum):
     """What a block of the microphone is sent as."""
 
@@ -292,6 +324,7 @@ class VoiceSwitch:
         self._after_burst = blocks(AFTER_BURST_S)
         self._speex_voice_at = -(1 << 30)  # the last block speex's output held a voice in
         self._burst_at = -(1 << 30)  # the last block of a loud burst
+        self._burst_power = 0.0  # of the loudest block sent in the last burst
         self._block = 0
         self._reply_blocks = 0  # blocks with reply audio so far
         self._since_reply = 1 << 30  # blocks since the last one with reply audio
@@ -305,19 +338,29 @@ class VoiceSwitch:
         voiced: bool,
         bands: int | None = None,
         speex_voice: bool = False,
+        powers: Mapping[Sent, float] | None = None,
     ) -> Choice:
+        """``powers``: of each output in this block, when known."""
         sent = self._sent_for(reply_playing, voiced or speex_voice)
         if speex_voice:
             self._speex_voice_at = self._block
         if sent is not Sent.PLAIN and self._block - self._speex_voice_at < self._speex_hold:
             sent = Sent.LINEAR
+        power = powers.get(sent) if powers is not None else None
+        after_burst = self._block - self._burst_at < self._after_burst
         if bands is not None and bands >= BURST_BANDS:
+            if power is not None:
+                self._burst_power = max(self._burst_power, power) if after_burst else power
             self._burst_at = self._block
+            after_burst = True
+        far_under = power is not None and power < UNDER_BURST * self._burst_power
+        quiet = bands is not None and (
+            bands <= QUIET_BANDS or (far_under and self._reply_blocks < self._converge)
+        )
         muted = (
-            bands is not None
-            and bands <= QUIET_BANDS
+            quiet
+            and after_burst
             and self._reply_blocks < self._young
-            and self._block - self._burst_at < self._after_burst
             and self._since_reply <= self._recent
         )
         return Choice(sent, muted)
