@@ -158,7 +158,9 @@ def after_a_burst(
     loud = dict.fromkeys(Sent, power(-20.0))
     for _ in range(15):
         assert not switch.step(True, voiced=True, bands=BURST_BANDS, powers=loud).muted
-    levels = powers_dbfs if powers_dbfs is not None else [None] * len(bands)
+    levels: list[float | None] = [None] * len(bands)
+    if powers_dbfs is not None:
+        levels = list(powers_dbfs)
     return [
         switch.step(
             True,
