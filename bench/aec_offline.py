@@ -111,7 +111,8 @@ def synthesize(cache: Path | None = None) -> Voices:
     if cache is not None:
         clips: dict[str, Any] = {f"question{k}": q for k, q in enumerate(voices.questions)}
         clips.update(reply=voices.reply, prompt=voices.prompt, cough=voices.cough)
-        np.savez(cache, **clips)
+        with cache.open("wb") as file:  # a path, not np.savez's name + ".npz"
+            np.savez(file, **clips)
     return voices
 
 
