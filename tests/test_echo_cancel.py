@@ -19,6 +19,7 @@ from s2s.models.echo_cancel import (
     BURST_BANDS,
     CONVERGE_S,
     NEAR_END_HOLD_S,
+    QUIET_BANDS,
     SPEEX_VOICE_BANDS,
     SPEEX_VOICE_HOLD_S,
     VOICE_CONFIRM_S,
@@ -144,6 +145,33 @@ def test_a_voice_found_in_speex_output_sends_it_at_once() -> None:
     assert found.sent is Sent.LINEAR
     assert after[: hold - 1] == [Sent.LINEAR] * (hold - 1)
     assert set(after[hold + 1 :]) == {Sent.PLAIN}
+
+
+def test_after_a_cough_the_blocks_with_nothing_over_the_echo_go_out_from_the_plain_aec3() -> None:
+    """A cough found in speex's output: speex's output goes out for its blocks, but of the
+    hold after it (speex's, then the chain's) a block in which the echo model finds at most
+    QUIET_BANDS over the echo is sent from the plain AEC3 (the cancellers' leftovers of the
+    echo would stretch the cough into speech), and does not count as the voice going on
+    even where AEC3 lets some of it through; one that stands over the echo keeps the hold.
+    A voice confirmed as talking keeps speex's output over its pauses however quiet."""
+
+    def after(voice_blocks: int, blocks: list[tuple[bool, int]]) -> list[Sent]:
+        switch = VoiceSwitch()
+        for _ in range(3 * BLOCKS_PER_S):
+            switch.step(reply_playing=True, voiced=False, bands=0)
+        for _ in range(voice_blocks):
+            burst = switch.step(True, voiced=True, bands=BURST_BANDS, speex_voice=True)
+            assert burst.sent is Sent.LINEAR
+        return [switch.step(True, voiced=v, bands=b).sent for v, b in blocks]
+
+    quiet, over = QUIET_BANDS, QUIET_BANDS + 1
+    cough = after(15, [(False, b) for b in (0, quiet, 0, over, 0)])
+    assert cough == [Sent.PLAIN, Sent.PLAIN, Sent.PLAIN, Sent.LINEAR, Sent.PLAIN]
+    window = round(AFTER_BURST_S * BLOCKS_PER_S)
+    leak = after(15, [(True, 0)] * (window - 1) + [(False, over)] * 20)
+    assert set(leak) == {Sent.PLAIN}
+    talking = round(VOICE_CONFIRM_S * BLOCKS_PER_S) + 5
+    assert after(talking, [(False, 0)] * 6) == [Sent.LINEAR] * 6
 
 
 def after_a_burst(

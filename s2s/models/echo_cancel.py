@@ -26,12 +26,11 @@ it whole; and all three leave echo behind after a burst of double talk. So a mod
 power that looks at nothing but the microphone and the reply (``s2s/models/near_end.py``) says
 in which blocks the microphone stands over the echo: where it does and speex removed much less
 of the block than it removes of the echo alone (``speex_holds_voice``), speex's output is sent
-at once (SPEEX_VOICE_HOLD_S); and in the first seconds of reply audio, while the cancellers are
-young and leak most, the blocks right after a loud burst (a cough) in which it finds nothing
-over the echo are muted, and in the first second, before the model itself knows the room, those
-20 dB under the burst. Offline (``bench/aec_offline.py``, on the same clips and rooms), coughs
-heard 4 in 1200 (6 before the last two rules) and -30 dBFS questions over -10 dB of echo
-200/200 with p95 389 ms.
+at once (SPEEX_VOICE_HOLD_S). Right after a loud burst (a cough), the blocks in which it finds
+nothing over the echo are the cancellers' leftovers: they do not carry the voice on, and while
+it is tentative they go out from the plain AEC3; in the first seconds of reply audio, while the
+cancellers are young and leak most, they are muted, and in the first second, before the model
+itself knows the room, so are those 20 dB under the burst.
 """
 
 from __future__ import annotations
@@ -108,9 +107,12 @@ YOUNG_S = 5.0
 offline fell in a session's first reply."""
 AFTER_BURST_S = 0.3
 QUIET_BANDS = 1
-"""While young, a block within AFTER_BURST_S of a burst with at most this many bands over the
-echo is muted (MUTE_GAIN): the cancellers, disturbed by the burst, leak the echo after it for
-100-200 ms, which the VAD would hear as the cough going on."""
+"""A block within AFTER_BURST_S of a burst with at most this many bands over the echo is the
+cancellers' leftover of the echo, not the voice going on: disturbed by the burst, they leak
+the echo after it for 100-200 ms (speex's leftovers at -45 to -55 dBFS, which Silero hears as
+speech), and the VAD would hear the cough go on past 300 ms. Such a block does not carry a
+voice on, and while the voice is tentative it is sent from the plain AEC3; while young, it is
+muted (MUTE_GAIN) as well."""
 UNDER_BURST = 10 ** (-20.0 / 10)
 """... and, before the switch is armed (CONVERGE_S), so is one whose output is this far (20 dB)
 under the burst's loudest block: in the first second of reply audio the echo model, too, has
@@ -341,13 +343,17 @@ class VoiceSwitch:
         powers: Mapping[Sent, float] | None = None,
     ) -> Choice:
         """``powers``: of each output in this block, when known."""
-        sent = self._sent_for(reply_playing, voiced or speex_voice)
+        self._block += 1
+        after_burst = self._block - self._burst_at < self._after_burst
+        leftover = after_burst and bands is not None and bands <= QUIET_BANDS
+        sent = self._sent_for(reply_playing, (voiced or speex_voice) and not leftover)
         if speex_voice:
             self._speex_voice_at = self._block
         if sent is not Sent.PLAIN and self._block - self._speex_voice_at < self._speex_hold:
             sent = Sent.LINEAR
+        if leftover and not self._talking:
+            sent = Sent.PLAIN
         power = powers.get(sent) if powers is not None else None
-        after_burst = self._block - self._burst_at < self._after_burst
         if bands is not None and bands >= BURST_BANDS:
             if power is not None:
                 self._burst_power = max(self._burst_power, power) if after_burst else power
@@ -366,7 +372,6 @@ class VoiceSwitch:
         return Choice(sent, muted)
 
     def _sent_for(self, reply_playing: bool, voiced: bool) -> Sent:
-        self._block += 1
         if reply_playing:
             self._reply_blocks += 1
             self._since_reply = 0
