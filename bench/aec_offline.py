@@ -73,7 +73,7 @@ QUESTION_S = 2.0
 """Of each question: long past the 300 ms onset, short enough to keep sessions quick."""
 COUGH_CLIPS = 4
 """Syntheses of the cough: of eight, one was heard 1 time in 400 and another 10 (through the
-canceller before its leftover rule, ``QUIET_BANDS``)."""
+canceller before its leftover rule, ``QUIET_BANDS``, and with the VAD at 0.5)."""
 HEARD_FROM_S, HEARD_TO_S = -0.3, 1.5
 """Speech reported this near a cough is the cough (or what the canceller left of the echo
 around it)."""
@@ -107,6 +107,8 @@ def synthesize(cache: Path | None = None) -> Voices:
             questions = tuple(saved[f"question{k}"] for k in range(len(QUESTIONS)))
             names = sorted((n for n in saved.files if n.startswith("cough")), key=_clip_order)
             coughs = tuple(saved[name] for name in names)
+            if not coughs:
+                raise ValueError(f"{cache} holds no cough clip (cough0, cough1, ...)")
             return Voices(saved["reply"], saved["prompt"], coughs, questions)
     voice = load_synthesizer(profile_for("cpu").tts)
     say = speaker(voice)

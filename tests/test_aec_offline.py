@@ -52,3 +52,13 @@ def test_a_cache_from_before_several_coughs_gives_its_one_cough(tmp_path: Path) 
     voices = synthesize(cache)
     assert len(voices.coughs) == 1
     np.testing.assert_array_equal(voices.coughs[0], clip)
+
+
+def test_a_cache_without_a_cough_is_refused_by_name(tmp_path: Path) -> None:
+    cache = tmp_path / "empty.npz"
+    clips: dict[str, Any] = {f"question{k}": np.zeros(10) for k in range(len(QUESTIONS))}
+    clips.update(reply=np.zeros(10), prompt=np.zeros(10))
+    with cache.open("wb") as file:
+        np.savez(file, **clips)
+    with pytest.raises(ValueError, match="no cough clip"):
+        synthesize(cache)
