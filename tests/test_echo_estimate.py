@@ -234,3 +234,61 @@ def test_barge_ins_do_not_teach_the_gate_the_users_voice() -> None:
     )
     assert gate._worst_ratio <= 1.25 * bar_before
     assert np.mean(last) >= np.mean(first) - 0.1
+
+
+def in_band(audio: Samples, low_hz: float, high_hz: float) -> Samples:
+    """``audio`` with everything outside [low_hz, high_hz] taken out, at its level before."""
+    spectrum = np.fft.rfft(audio)
+    frequencies = np.fft.rfftfreq(len(audio), 1 / RATE)
+    spectrum[(frequencies < low_hz) | (frequencies > high_hz)] = 0
+    kept = np.fft.irfft(spectrum, len(audio))
+    level = float(np.sqrt(np.mean(audio**2) / np.mean(kept**2)))
+    return np.asarray(kept * level, dtype=np.float32)
+
+
+def test_a_voice_under_the_echo_is_heard_in_the_bands_where_the_reply_is_quiet() -> None:
+    """A reply whose sound lies under 1.2 kHz, and a user 2 dB under its echo in power, but
+    between 1.7 and 4.5 kHz: the whole band's power never stands 3 dB over the echo, the bands
+    where the reply is quiet do. The echo alone stays echo."""
+    gate = EchoGate()
+    reply = in_band(speech_like(30, seed=2, dbfs=REPLY_DBFS), 100, 1200)
+    session = Session(gate, ROOM, reply)
+    session.run(6.0)
+    on_echo, _ = session.run(6.0)
+    user = in_band(speech_like(2.0, seed=3, dbfs=REPLY_DBFS + ROOM.echo_db - 2), 1700, 4500)
+    _, on_user = session.run(3.0, user=user)
+    print(f"echo chunks louder {np.mean(on_echo):.1%}, user chunks louder {np.mean(on_user):.1%}")
+    assert np.mean(on_echo) <= 0.03
+    assert np.mean(on_user) >= 0.8
+
+
+@pytest.mark.parametrize(
+    "cough_at_s,over_db,seed", [(1.5, 15, 6), (1.5, 20, 5), (3.0, 15, 5), (3.0, 20, 5)]
+)
+def test_a_cough_learned_while_the_estimate_is_young_does_not_move_its_path(
+    cough_at_s: float, over_db: float, seed: int
+) -> None:
+    """A cough 15-20 dB over the echo early in the session's first reply: no interruption
+    comes (a cough is too short), so the young estimate learns it with the echo around it.
+    Fitted in, its power outweighed a hundred chunks of echo and moved the path 0.3-0.7 s
+    later; it is left out, the path stays at the room's delay, and the next reply's echo is
+    still echo."""
+    gate = EchoGate()
+    room = RoomOptions(delay_ms=120, reverb_ms=200, echo_db=-20)
+    reply = speech_like(60, seed=seed, dbfs=REPLY_DBFS)
+    session = Session(gate, room, reply)
+    session.run(cough_at_s)
+    noise = np.random.default_rng(11).standard_normal(round(0.15 * RATE))
+    cough = noise * 10 ** ((REPLY_DBFS + room.echo_db + over_db) / 20)
+    session.run(0.5, user=cough.astype(np.float32))
+    session.run(4.5)
+    gate.silence_reply()
+    on_echo, _ = Session(gate, room, reply[30 * RATE :]).run(4.0)
+    assert gate._path is not None
+    peak_lag_ms = float(np.argmax(gate._path[:-1])) * BLOCK_S * 1000
+    print(
+        f"path peaks at {peak_lag_ms:.0f} ms; "
+        f"the next reply's echo chunks louder {np.mean(on_echo):.1%}"
+    )
+    assert 80 <= peak_lag_ms <= 200
+    assert np.mean(on_echo) <= 0.03

@@ -455,12 +455,16 @@ def test_an_echo_cancelled_session_listens_with_a_lower_vad_threshold(
     """An echo canceller turns the user down during double talk: sessions whose echo is
     cancelled, by the client or by the server (``--server-aec on``, the default), get the VAD
     threshold ECHO_CANCELLED_VAD_THRESHOLD; with ``--server-aec off`` the others keep the
-    profile's."""
+    profile's. The level estimate decides by its frequency bands too only where it stands
+    alone: beside the server's canceller, by the whole band's power."""
     models = fake_models(transcriber)
     asked: list[Any] = []
+    bands: list[bool | None] = []  # per session: its echo gate's ``bands``, None: no gate
 
     def build(**kwargs: Any) -> Any:
         asked.append(kwargs.get("vad_overrides"))
+        gate = kwargs.get("echo_gate")
+        bands.append(None if gate is None else gate.options.bands)
         return build_session_pipeline(models, **kwargs)
 
     cancelled_by_server: dict[str, Any] = {"echo_cancel": EchoCancelOptions()}
@@ -475,6 +479,7 @@ def test_an_echo_cancelled_session_listens_with_a_lower_vad_threshold(
             running.stop()
     lower = {"threshold": ECHO_CANCELLED_VAD_THRESHOLD}
     assert asked == [lower, lower, lower, {}]
+    assert bands == [None, False, None, True]
 
 
 # --- rates and HTTP -------------------------------------------------------------------------

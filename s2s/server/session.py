@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from websockets.exceptions import ConnectionClosed
@@ -329,7 +329,10 @@ class Session:
         vad_overrides = dict(setup.vad_overrides)
         if not setup.echo_cancelled and self._echo_options is not None:
             # The gate alone, or (while the canceller learns the room) beside it.
-            self._echo_gate = EchoGate(self._echo_options)
+            options = self._echo_options
+            if self._echo_cancel_options is not None:
+                options = replace(options, bands=False)
+            self._echo_gate = EchoGate(options)
             if self._echo_cancel_options is not None:
                 canceller = ReplyEchoCanceller(VAD_SAMPLE_RATE_HZ, self._echo_cancel_options)
                 canceller.start()
