@@ -90,6 +90,8 @@ UNHEARD_UNDER_REPLY = 1e-4
 """Sound 40 dB under the reply just played is not taken for the user, however little echo is
 expected: where a syllable of the reply dies away the room rings on longer than the estimate
 expects, at -60 dBFS and below, well under any voice speaking up over the reply."""
+NO_BANDS = np.zeros(0)
+"""The bands of a gate that does not decide by them (``EchoOptions.bands`` False)."""
 AUDIBLE_ECHO_POWER = 1e-6
 """An expected echo above -60 dBFS: where the margin over the echo is calibrated (per band,
 this over BANDS)."""
@@ -130,10 +132,10 @@ class EchoOptions:
     """The least excess over a band's echo (power: 6 dB), however steady the echo there; else,
     ``margin`` times the band's worst ratio."""
     bands: bool = True
-    """False: the whole band's power alone decides. So beside the server's canceller, where the
-    gate decides only while the cancellers learn and a reply's start settles, and where a
-    cough got through with the bands (1 of 10 at -10 dB of echo on the simulated room; none
-    in three runs before)."""
+    """False: the whole band's power alone decides, and the bands are not measured. So beside
+    the server's canceller, where the gate decides only while the cancellers learn and a
+    reply's start settles, and where a cough got through with the bands (1 of 10 at -10 dB of
+    echo on the simulated room; none in three runs before)."""
     learn: bool = True
     """False: keep the fixed rule (no estimate)."""
 
@@ -191,14 +193,15 @@ class EchoGate:
         self._far_block = np.full(FAR_BLOCKS_KEPT, -1, dtype=np.int64)
         self._far_sum = np.zeros(FAR_BLOCKS_KEPT)
         self._far_count = np.zeros(FAR_BLOCKS_KEPT)
-        self._far_bands = np.zeros((FAR_BLOCKS_KEPT, BANDS))  # summed power per band
+        bands = BANDS if self.options.bands else 0  # none measured where none decide
+        self._far_bands = np.zeros((FAR_BLOCKS_KEPT, bands))  # summed power per band
         # What the microphone held while only echo could be in it: reply power per lag, and
         # the microphone's power.
         # The last column is 1: the microphone's own noise, there with or without a reply.
         self._rows = np.zeros((ROWS_KEPT, self._lags + 1))
         self._targets = np.zeros(ROWS_KEPT)
-        self._band_rows = np.zeros((ROWS_KEPT, BANDS, self._lags))
-        self._band_targets = np.zeros((ROWS_KEPT, BANDS))
+        self._band_rows = np.zeros((ROWS_KEPT, bands, self._lags))
+        self._band_targets = np.zeros((ROWS_KEPT, bands))
         self._rows_seen = 0
         self._learned_s = 0.0
         self._pending: deque[_Heard] = deque()  # in the order they were heard
@@ -227,7 +230,8 @@ class EchoGate:
                     self._far_count[slot] = 0.0
                     self._far_bands[slot] = 0.0
                 self._far_sum[slot] += power(piece) * len(piece)
-                self._far_bands[slot] += band_powers(piece, sample_rate_hz) * len(piece)
+                if self.options.bands:
+                    self._far_bands[slot] += band_powers(piece, sample_rate_hz) * len(piece)
                 self._far_count[slot] += len(piece)
 
     def silence_reply(self) -> None:
@@ -258,11 +262,13 @@ class EchoGate:
         """Whether this microphone chunk, spoken up to ``received_at``, stands above the
         reply's echo. A chunk that does not is echo (or silence) and refines the estimate."""
         mic = power(samples)
-        band_mic = band_powers(samples, sample_rate_hz)
+        band_mic = band_powers(samples, sample_rate_hz) if self.options.bands else NO_BANDS
         starts_at = received_at - len(samples) / sample_rate_hz
         with self._lock:
             features = self._features(starts_at, received_at)
-            band_features = self._band_features(starts_at, received_at)
+            band_features = NO_BANDS
+            if self.options.bands:
+                band_features = self._band_features(starts_at, received_at)
             loudest = self._loudest(starts_at, received_at)
             if self._response is None:
                 louder = mic > self.options.ratio**2 * loudest
@@ -372,8 +378,9 @@ class EchoGate:
         row = self._rows_seen % ROWS_KEPT
         self._rows[row] = heard.features
         self._targets[row] = heard.mic
-        self._band_rows[row] = heard.band_features
-        self._band_targets[row] = heard.band_mic
+        if self.options.bands:
+            self._band_rows[row] = heard.band_features
+            self._band_targets[row] = heard.band_mic
         self._rows_seen += 1
         self._learned_s += heard.duration_s
         if self._learned_s >= self.options.min_fit_s and self._rows_seen % REFIT_EVERY == 0:
@@ -394,7 +401,8 @@ class EchoGate:
         audible = expected > AUDIBLE_ECHO_POWER
         if audible.sum() >= REFIT_EVERY:
             self._worst_ratio = float(np.quantile(targets[audible] / expected[audible], 0.98))
-        self._fit_bands(self._band_rows[:count], self._band_targets[:count], echo)
+        if self.options.bands:
+            self._fit_bands(self._band_rows[:count], self._band_targets[:count], echo)
         self.fits += 1
 
     def _echo_only(self, rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
