@@ -183,6 +183,7 @@ def run_session(job: Job) -> dict[str, Any]:
     played: list[Samples] = []
     spoken: list[Samples] = []
     events: list[int] = []  # sample of each cough, or of each question's speech onset
+    into_reply_s: list[float] = []  # each event's moment in its reply
     replies: list[tuple[int, int, float]] = []  # each reply's first sample, end, play offset
 
     def add(speaker_out: Samples, user: Samples) -> None:
@@ -214,6 +215,7 @@ def run_session(job: Job) -> dict[str, Any]:
         user[at : at + len(clip)] = clip
         reply_from = sum(map(len, played))
         events.append(reply_from + at + onset)
+        into_reply_s.append((at + onset) / RATE_HZ)
         replies.append((reply_from, reply_from + len(reply), rng.uniform(*PLAY_OFFSET_S)))
         add(reply, user)
         add(silence(1.0), nothing)
@@ -224,7 +226,7 @@ def run_session(job: Job) -> dict[str, Any]:
     else:
         starts = server_estimate_starts(room, speaker_out, microphone_user, replies)
     outcomes: list[float | bool | None] = []
-    echo_interruptions = 0
+    echo_first: list[bool] = []  # per turn: speech reported during the reply before the event
     for at, (reply_from, reply_to, _) in zip(events, replies, strict=True):
         window = [
             (began, reported)
@@ -234,15 +236,21 @@ def run_session(job: Job) -> dict[str, Any]:
         before = [s for s in window if s[0] <= at + HEARD_FROM_S * RATE_HZ]
         near = [s for s in window if at + HEARD_FROM_S * RATE_HZ < s[0] < at + HEARD_TO_S * RATE_HZ]
         if job.kind == "echo":
-            echo_interruptions += bool(window)
+            echo_first.append(bool(window))
             outcomes.append(bool(window))
             continue
-        echo_interruptions += bool(before)
+        echo_first.append(bool(before))
         if job.kind == "cough":
             outcomes.append(bool(near))
         else:
             outcomes.append((near[0][1] - at) * 1000.0 / RATE_HZ if near else None)
-    return {"job": job, "outcomes": outcomes, "echo_interruptions": echo_interruptions}
+    return {
+        "job": job,
+        "outcomes": outcomes,
+        "into_reply_s": into_reply_s,
+        "echo_first": echo_first,
+        "echo_interruptions": sum(echo_first),
+    }
 
 
 def client_aec_starts(

@@ -24,19 +24,24 @@ It learns the chunks heard while the reply played, except the user's: a chunk at
 LEARN_GUARD_S away from any louder one is learned once that guard has passed. While the
 estimate is young (under ``trusted_fit_s`` of echo learned), a chunk nearer to a louder one
 (the user's voice, its quieter moments, or echo the estimate did not expect yet) waits
-LEARN_HOLD_S, and is learned if no interruption came meanwhile; once the estimate is trusted,
-such chunks are not learned. Learning only what the gate already took for echo starved it: in
-some rooms the echo it put above itself was never learned, the fit settled 10 dB under the
-real echo, and the echo alone interrupted a third of the replies
-(``bench/aec_offline.py --handling server-estimate``). Whatever the fit learns by mistake (a
-cough while it was young) stands far over the rest, and is left out of it: in power, one
-cough 15 dB over the echo outweighed a hundred chunks of echo, moved the path 0.6 s later, and
-the echo of every later reply's start interrupted it.
+LEARN_HOLD_S, and is learned if no interruption came meanwhile, or if one came but at least
+RESCUED_BEFORE_S later (a young estimate that put the echo too low took all of it for a
+voice, the echo itself interrupted, and nothing was ever learned again); once the estimate is
+trusted, such chunks are not learned, and what was learned while young is judged again by
+the echo learned since: a voice among it is left out (REVIEW_ROWS). Learning only what the
+gate already took for echo starved it: in some rooms the echo it put above itself was never
+learned, the fit settled 10 dB under the real echo, and the echo alone interrupted a third of
+the replies (``bench/aec_offline.py --handling server-estimate``). Whatever the fit learns
+by mistake (a cough while it was young) stands far over the rest, and is left out of it: in
+power, one cough 15 dB over the echo outweighed a hundred chunks of echo, moved the path 0.6 s
+later, and the echo of every later reply's start interrupted it.
 
-Until ``min_fit_s`` of echo has been learned, a fixed Geigel-style rule stands in: louder than
-``ratio`` times the loudest reply audio played within ``echo_delay_s``; then, until the
-estimate is trusted, a voice must stand ``young_excess`` over the estimate. Everything is timed
-by sample positions (the reply's by the pacing timeline, the microphone's by ``InputClock``).
+Until ``min_fit_s`` of echo has been learned (counted while the reply was audible: fitted from
+a reply's silent start, the estimate put the echo at nothing and took it for a voice), a fixed
+Geigel-style rule stands in: louder than ``ratio`` times the loudest reply audio played within
+``echo_delay_s``; then, until the estimate is trusted, a voice must stand ``young_excess``
+over the estimate. Everything is timed by sample positions (the reply's by the pacing
+timeline, the microphone's by ``InputClock``).
 Thread-safe: the session records the reply audio as it sends it, the VAD stage asks.
 """
 
@@ -77,6 +82,13 @@ LEARN_HOLD_S = 1.5
 """A chunk nearer than LEARN_GUARD_S to a louder moment waits this long: a user who spoke up
 has interrupted the reply by then (300 ms of speech, the VAD's report, the session's reaction),
 which drops every chunk still waiting; echo that only looked louder is learned."""
+RESCUED_BEFORE_S = 0.6
+"""While the estimate is young, an interruption drops only the chunks waiting to be learned
+that came less than this before it (the user's onset and the 300 ms of speech it takes to
+interrupt); the earlier ones are learned as echo."""
+LEARNED_REPLY_POWER = 1e-5
+"""A measurement counts towards ``min_fit_s`` and ``trusted_fit_s`` when the reply played
+louder than this (-50 dBFS) within the path's lags: the start of a reply is often silent."""
 LOUDEST_BLOCKS = 5
 """The fixed rule compares with the reply's power over 100 ms."""
 FLOOR_POWER = 1e-8
@@ -100,6 +112,9 @@ OUTLIER_SHARE = 0.05
 loudest against the reply power just played, to fit the path without them; then those over
 the path's echo by OUTLIER_RATIO and in this top share, to fit it again."""
 OUTLIER_RATIO = 4.0
+REVIEW_ROWS = 64
+"""Measurements learned since the estimate is trusted (about 2 s) before those learned while
+it was young are judged by them."""
 """How far (power: 6 dB) a measurement stands over the path's echo to be left out."""
 
 
@@ -203,6 +218,8 @@ class EchoGate:
         self._band_rows = np.zeros((ROWS_KEPT, bands, self._lags))
         self._band_targets = np.zeros((ROWS_KEPT, bands))
         self._rows_seen = 0
+        self._on_probation = np.zeros(ROWS_KEPT, dtype=bool)  # learned while young
+        self._dropped = np.zeros(ROWS_KEPT, dtype=bool)  # found to be a voice after all
         self._learned_s = 0.0
         self._pending: deque[_Heard] = deque()  # in the order they were heard
         self._quiet_from = -math.inf  # chunks from before this wait LEARN_HOLD_S
@@ -238,6 +255,11 @@ class EchoGate:
         """The reply stopped (interrupted): nothing of it plays any more."""
         with self._lock:
             self._far_block.fill(-1)
+            if self._pending and self._learned_s < self.options.trusted_fit_s:
+                interrupted_at = self._pending[-1].ends_at
+                for waiting in self._pending:
+                    if waiting.ends_at <= interrupted_at - RESCUED_BEFORE_S:
+                        self._learn(waiting)
             self._pending.clear()  # the user spoke up: what came just before may hold them
 
     # --- the microphone ---------------------------------------------------------------------
@@ -341,11 +363,9 @@ class EchoGate:
         if self._band_response is None:
             return 0
         echo = np.einsum("sbl,bl->sb", self._band_response, band_features).max(axis=0)
-        bar = np.where(
-            np.isfinite(self._band_excess),
-            self._band_excess * (echo + self._band_noise) + floor / BANDS,
-            math.inf,
-        )
+        calibrated = np.isfinite(self._band_excess)
+        excess = np.where(calibrated, self._band_excess, 0.0)  # inf x 0 would be nan
+        bar = np.where(calibrated, excess * (echo + self._band_noise) + floor / BANDS, math.inf)
         return int(np.count_nonzero(band_mic > bar))
 
     def _guarded_learn(self, louder: bool, heard: _Heard, starts_at: float) -> None:
@@ -378,17 +398,24 @@ class EchoGate:
         row = self._rows_seen % ROWS_KEPT
         self._rows[row] = heard.features
         self._targets[row] = heard.mic
+        self._on_probation[row] = self._learned_s < self.options.trusted_fit_s
+        self._dropped[row] = False
         if self.options.bands:
             self._band_rows[row] = heard.band_features
             self._band_targets[row] = heard.band_mic
         self._rows_seen += 1
-        self._learned_s += heard.duration_s
+        if heard.features[:-1].max() > LEARNED_REPLY_POWER:
+            self._learned_s += heard.duration_s
         if self._learned_s >= self.options.min_fit_s and self._rows_seen % REFIT_EVERY == 0:
             self._fit()
 
     def _fit(self) -> None:
         count = min(self._rows_seen, ROWS_KEPT)
-        rows, targets = self._rows[:count], self._targets[:count]
+        kept = ~self._dropped[:count]
+        if self._learned_s >= self.options.trusted_fit_s:
+            kept &= ~self._voices_on_probation(count)
+            self._dropped[:count] = ~kept
+        rows, targets = self._rows[:count][kept], self._targets[:count][kept]
         echo = self._echo_only(rows, targets)
         self._path = non_negative_least_squares(rows[echo], targets[echo])
         self._response = shifted(self._path, PLAY_SHIFT_BLOCKS)
@@ -402,8 +429,28 @@ class EchoGate:
         if audible.sum() >= REFIT_EVERY:
             self._worst_ratio = float(np.quantile(targets[audible] / expected[audible], 0.98))
         if self.options.bands:
-            self._fit_bands(self._band_rows[:count], self._band_targets[:count], echo)
+            self._fit_bands(self._band_rows[:count][kept], self._band_targets[:count][kept], echo)
         self.fits += 1
+
+    def _voices_on_probation(self, count: int) -> np.ndarray:
+        """Which measurements learned while the estimate was young stand over the echo as a
+        voice would, judged by the bar of those learned since it is trusted (REVIEW_ROWS of
+        them at least): a user who spoke up in the first second of the first reply, before
+        the estimate could tell them from the echo, was learned as echo, and raised the bar
+        for the next twenty seconds."""
+        rows, targets = self._rows[:count], self._targets[:count]
+        kept = ~self._dropped[:count]
+        trusted = kept & ~self._on_probation[:count]
+        if self._response is None or trusted.sum() < REVIEW_ROWS:
+            return np.zeros(count, dtype=bool)
+        expected = np.max(rows @ self._response.T, axis=1)
+        audible = expected > AUDIBLE_ECHO_POWER
+        if (trusted & audible).sum() < REVIEW_ROWS:
+            return np.zeros(count, dtype=bool)
+        ratios = targets / np.maximum(expected, FLOOR_POWER)
+        worst = float(np.quantile(ratios[trusted & audible], 0.98))
+        bar = max(self.options.min_excess, self.options.margin * worst)
+        return np.asarray(kept & self._on_probation[:count] & audible & (ratios > bar))
 
     def _echo_only(self, rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Which measurements to fit: all but the few that stand far over the echo (see
