@@ -112,10 +112,10 @@ OUTLIER_SHARE = 0.05
 loudest against the reply power just played, to fit the path without them; then those over
 the path's echo by OUTLIER_RATIO and in this top share, to fit it again."""
 OUTLIER_RATIO = 4.0
+"""How far (power: 6 dB) a measurement stands over the path's echo to be left out."""
 REVIEW_ROWS = 64
 """Measurements learned since the estimate is trusted (about 2 s) before those learned while
 it was young are judged by them."""
-"""How far (power: 6 dB) a measurement stands over the path's echo to be left out."""
 
 
 @dataclass(frozen=True, slots=True)
