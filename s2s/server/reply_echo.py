@@ -332,8 +332,9 @@ class PlaybackAligner:
     meanwhile (half a second and more, over an echo 10 dB under the reply) let through echo
     that sounds like speech. So the echo path is found in the microphone itself, by
     correlating it with the reply (whitened, GCC-PHAT: its peaks are the room's paths) over
-    lags up to MAX_PATH_S. The first clear ones are added up and remembered (from the
-    strongest path, PATH_SPAN_S of it); each later window is matched against that within
+    lags up to MAX_PATH_S. The first clear ones that the echo fills (the reply sounded
+    MAX_PATH_S before the window) are added up and remembered (from the strongest path,
+    PATH_SPAN_S of it); each later window is matched against that within
     MAX_SHIFT_S, and where they match is the shift the reply is read back at, so the
     cancellers meet the path they learned.
     """
@@ -344,6 +345,7 @@ class PlaybackAligner:
         self.max_shift = round(MAX_SHIFT_S * rate_hz)
         self._before = round(PATH_LEAD_S * rate_hz)
         self._span = round(PATH_SPAN_S * rate_hz)
+        self._taper = round(TAPER_S * rate_hz)
         self._pattern: np.ndarray | None = None  # the path learned, at shift 0
         self._pattern_at = 0  # the lag where it begins
         self._sum: np.ndarray | None = None  # the windows it is learned from, added up
@@ -363,7 +365,13 @@ class PlaybackAligner:
         Whether the learned path was found in them (``shift`` says where)."""
         if _power(reply) < QUIET_POWER or _power(mic) < QUIET_POWER:
             return False
-        paths = _whitened_correlation(mic, reply, self.max_path)
+        if self._pattern is None and _power(reply[: len(mic)]) < QUIET_POWER:
+            # The reply may not have sounded long enough for its echo to fill the window:
+            # where the echo begins inside it, that onset (the reply's, and the room's
+            # ringing starting at once) stands out of the whitened correlation as a lone
+            # peak at a lag where there is no path, taller than the path's own.
+            return False
+        paths = _whitened_correlation(mic, reply, self.max_path, self._taper)
         if self._pattern is None:
             if _peakiness(paths) >= FIRST_PEAKINESS:  # an echo to learn from
                 self._sum = paths if self._sum is None else self._sum + paths
@@ -394,24 +402,40 @@ FIRST_PEAKINESS = 8.0
 PATH_LEAD_S = 0.002
 PATH_SPAN_S = 0.05
 """What of the path is matched: from just before its strongest lag, this long."""
+TAPER_S = 0.01
+"""The microphone's window fades in and out over this much (see ``_whitened_correlation``)."""
 
 
 def _power(samples: Samples) -> float:
     return float(np.mean(np.square(samples, dtype=np.float64))) if len(samples) else 0.0
 
 
-def _whitened_correlation(mic: Samples, reply: Samples, lags: int) -> np.ndarray:
+def _whitened_correlation(mic: Samples, reply: Samples, lags: int, taper: int) -> np.ndarray:
     """For lag 0 .. lags-1: how much of the microphone's window is the reply that far back,
     with every frequency weighted alike."""
     # No lag asked for wraps around at len(reply) (mic[k] meets reply[k + lags - L], within it).
     size = 1 << (len(reply) - 1).bit_length()
-    spectrum = np.fft.rfft(mic, size) * np.conj(np.fft.rfft(reply, size))
+    # Both windows end at the same sample: cut off square, the two edges alone would correlate
+    # at lag 0 over every frequency, which whitening makes a peak as sharp as a real path's
+    # (learned as the path in 9 of 88 sessions through simulated rooms, checked from the
+    # first reply's start; in 1 of 5 on the room bench).
+    spectrum = np.fft.rfft(_tapered(mic, taper), size) * np.conj(np.fft.rfft(reply, size))
     spectrum /= np.abs(spectrum) + 1e-12
     correlation = np.fft.irfft(spectrum, size)  # [n]: sum over k of mic[k] * reply[k - n]
     # The reply's window starts ``lags`` before the microphone's: at lag L, mic[k] meets
     # reply[k + lags - L], which is n = L - lags (negative: from the end, circularly).
     offsets = (np.arange(lags) - lags) % size
     return np.abs(correlation[offsets])
+
+
+def _tapered(samples: Samples, taper: int) -> np.ndarray:
+    """``samples`` faded in and out over ``taper`` samples (raised cosine) at either end."""
+    length = min(len(samples) // 2, taper)
+    ramp = 0.5 - 0.5 * np.cos(np.pi * np.arange(length) / max(length, 1))
+    weights = np.ones(len(samples))
+    weights[:length] = ramp
+    weights[len(samples) - length :] = ramp[::-1]
+    return np.asarray(samples, dtype=np.float64) * weights
 
 
 def _pearson_along(paths: np.ndarray, pattern: np.ndarray, first: int, count: int) -> np.ndarray:
