@@ -32,10 +32,26 @@ def tone(level: float, seconds: float) -> Samples:
 
 
 @dataclass
+class TrustedFrom:
+    """An echo canceller that hands the microphone back as it is (the echo is all gone, or
+    it is all the user's) and is trusted alone from sample ``first`` on, as the server's is
+    once it has learned the room."""
+
+    first: int
+
+    def cancel(self, samples: Samples, ends_at: float) -> Samples:
+        return samples
+
+    def trusted(self, since: int) -> bool:
+        return since >= self.first
+
+
+@dataclass
 class Mic:
     """Feeds a VAD stage 40 ms frames, each 'arriving' when the test says."""
 
     gate: EchoGate | None
+    canceller: TrustedFrom | None = None
     started_at: float = 100.0
     events: list[Event] = field(default_factory=list)
     segments: list[SpeechSegment] = field(default_factory=list)
@@ -47,6 +63,7 @@ class Mic:
             RATE,
             self.gate,
             options.min_speech_ms,
+            self.canceller,
         )
         self.ctx = StageContext("test", TurnCancellation(), self.events.append)
         self.sent = 0  # samples so far
@@ -194,6 +211,30 @@ def test_once_the_reply_has_stopped_echo_level_speech_is_the_user() -> None:
     mic.gate.silence_reply()  # type: ignore[union-attr]
     mic.speak(np.concatenate([tone(0.0, 0.48), tone(ECHO_LEVEL, 0.8), tone(0.0, 0.8)]))
     assert mic.onsets() == [round(0.48 * RATE)]
+
+
+def test_speech_taken_for_echo_is_the_users_once_the_canceller_is_trusted() -> None:
+    """The canceller is trusted from 1 s on (it learned the room by then); a voice at the
+    echo's level from 0.6 s (to the gate: echo) goes on to 1.8 s. From 1 s on the VAD starts
+    over on the canceller's output: one onset, where it became trusted (the window there)."""
+    trusted_from = RATE
+    mic = Mic(EchoGate(EchoOptions(ratio=0.5, echo_delay_s=0.6)), TrustedFrom(trusted_from))
+    reply_playing(mic)
+    mic.speak(np.concatenate([tone(0.0, 0.6), tone(ECHO_LEVEL, 1.2), tone(0.0, 0.8)]))
+    onsets = mic.onsets()
+    assert len(onsets) == 1 and trusted_from <= onsets[0] < trusted_from + round(FRAME_S * RATE)
+    final = [s for s in mic.segments if not s.provisional]
+    assert len(final) == 1
+
+
+def test_speech_taken_for_echo_that_stops_soon_after_the_canceller_is_trusted_stays_echo() -> None:
+    """The same voice stops 0.2 s after the canceller is trusted: shorter than the minimum
+    onset from there, so still nothing."""
+    mic = Mic(EchoGate(EchoOptions(ratio=0.5, echo_delay_s=0.6)), TrustedFrom(RATE))
+    reply_playing(mic)
+    mic.speak(np.concatenate([tone(0.0, 0.6), tone(ECHO_LEVEL, 0.6), tone(0.0, 0.8)]))
+    assert mic.onsets() == []
+    assert mic.segments == []
 
 
 def test_without_an_echo_gate_every_onset_counts() -> None:

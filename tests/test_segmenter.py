@@ -82,6 +82,21 @@ def test_clear_drops_the_speech_under_way_and_moots_a_pause() -> None:
     assert segmenter.clear() == []
 
 
+def test_forget_starts_the_count_again_from_a_point_mid_window() -> None:
+    """Speech under way is dropped unreported; as it goes on, it is an onset again once it
+    has lasted the minimum from the point given (the middle of a window, where the audio
+    handed on so far ended), never before that point though the window and the audio
+    before it are loud."""
+    segmenter = VadSegmenter(VadOptions(min_speech_ms=100, min_silence_ms=300, speech_pad_ms=0))
+    assert [type(e) for e in feed(segmenter, [0.0] * 5 + [0.9] * 10)] == [VadStarted]
+    until = 15 * WINDOW + WINDOW // 2
+    segmenter.forget(until)
+    assert not segmenter.in_speech
+    events = feed(segmenter, [0.9] * 5, start=15)
+    assert [type(e) for e in events] == [VadStarted]
+    assert events[0].sample_index == until  # type: ignore[union-attr]
+
+
 def test_end_is_refined_to_the_audio_when_the_model_lags() -> None:
     """The model's probability trails the audio by 3 windows; the end follows the audio."""
     options = VadOptions(min_speech_ms=100, min_silence_ms=300, speech_pad_ms=0)

@@ -329,6 +329,9 @@ class ScriptedVad:
     def restart(self, speech_start: int) -> None:
         pass
 
+    def forget(self, until: int) -> None:
+        pass
+
     def commit(self) -> list[VadEvent]:
         return []
 

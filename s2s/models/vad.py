@@ -82,6 +82,9 @@ class StreamingVad:
     def restart(self, speech_start: int) -> None:
         self._segmenter.restart(speech_start)
 
+    def forget(self, until: int) -> None:
+        self._segmenter.forget(until)
+
     def commit(self) -> list[VadEvent]:
         return self._segmenter.commit()
 

@@ -136,7 +136,8 @@ class VadSegmenter:
                 self._paused_at = None
                 events.append(VadResumed(window_start))
             if self._speech_start is None:
-                self._speech_start = self._refine_start(window_start, window_end)
+                refined = self._refine_start(window_start, window_end)
+                self._speech_start = max(refined, self._onsets_from)
             if not self._confirmed and window_end - self._speech_start >= self._min_speech:
                 self._confirmed = True
                 events.append(VadStarted(self._speech_start))
@@ -200,6 +201,17 @@ class VadSegmenter:
         self._paused_at = None
         return [VadResumed(self._audio_start + len(self._audio))] if paused else []
 
+    def forget(self, until: int) -> None:
+        """Drop the speech under way unreported, and place no onset before stream index
+        ``until``: what came before was the assistant's echo, and speech that goes on from
+        there must count its minimum again."""
+        self._speech_start = None
+        self._gap_start = None
+        self._confirmed = False
+        self._speech_end = None
+        self._paused_at = None
+        self._onsets_from = max(self._onsets_from, until)
+
     def _end(self, forced: bool) -> VadEnded:
         ended = VadEnded(*self._cut(), forced)
         self._onsets_from = ended.speech_end_sample_index  # that speech is this segment's
@@ -230,6 +242,7 @@ class VadSegmenter:
             self._onsets_from,
             window_start - self._options.samples(START_SEARCH_MS),
         )
+        begin = min(begin, window_start)  # no onset before _onsets_from: see push
         begin = window_start - (window_start - begin) // frame * frame
         audio = self._audio[begin - self._audio_start : window_end - self._audio_start]
         frames = len(audio) // frame

@@ -54,6 +54,8 @@ class VoiceActivity(Protocol):
 
     def restart(self, speech_start: int) -> None: ...
 
+    def forget(self, until: int) -> None: ...
+
     def commit(self) -> list[VadEvent]: ...
 
     def clear(self) -> list[VadEvent]: ...
@@ -146,6 +148,7 @@ class VadStage(Stage[AudioChunk | InputCommand, SpeechSegment]):
         self._stream_end = 0  # input samples seen so far
         self._speech_started_at: float | None = None
         self._ignoring_echo = False
+        self._cleaned_end = 0  # samples the echo canceller has given back (the VAD's stream)
         self.echoes_ignored = 0
 
     def handle(self, item: AudioChunk | InputCommand, ctx: StageContext) -> Iterator[SpeechSegment]:
@@ -163,8 +166,10 @@ class VadStage(Stage[AudioChunk | InputCommand, SpeechSegment]):
         samples = item.samples
         if self._echo_canceller is not None:
             samples = self._echo_canceller.cancel(samples, self._clock.time_of(chunk_end))
+            self._cleaned_end += len(samples)
         yield from self._segments(self._vad.push(samples), ctx)
         self._user_spoke_up(ctx)
+        self._judge_again_once_trusted()
 
     def _command(self, item: InputCommand, ctx: StageContext) -> Iterator[SpeechSegment]:
         """The client ends its turn now (``commit``) or drops it (``clear``)."""
@@ -282,6 +287,20 @@ class VadStage(Stage[AudioChunk | InputCommand, SpeechSegment]):
         if not self._echo_gate.reply_playing(self._time_of(onset), self._time_of(self._stream_end)):
             return False
         return not self._louder_long_enough()
+
+    def _judge_again_once_trusted(self) -> None:
+        """Speech taken for echo because the canceller's output could not be trusted alone
+        where it began (it was still learning the room, or a reply's start had not settled)
+        is judged again once it can be: the VAD starts over from there, and speech that goes
+        on for the minimum onset is the user's. A question from 1.1 s into the session's
+        first reply was otherwise lost whole (the canceller is trusted from 1.5 s; the gate's
+        fixed rule, before it has measured the room, cannot hear -26 dBFS over the echo)."""
+        canceller = self._echo_canceller
+        if canceller is None or not (self._ignoring_echo and self._vad.in_speech):
+            return
+        if canceller.trusted(self._cleaned_end):
+            self._vad.forget(self._cleaned_end)
+            self._ignoring_echo = False
 
     def _user_spoke_up(self, ctx: StageContext) -> None:
         """While echo is being ignored, the user may start talking over it: once the microphone
