@@ -77,6 +77,9 @@ class ScriptedUser:
         self._lock = threading.Lock()  # guards the speaker buffer, the script and received
         self._arrived = threading.Condition(self._lock)
         self._speaker: deque[Samples] = deque()
+        # Reply audio as it arrived (when, what): it goes to the speaker at the first tick
+        # that comes after it on the sound card's clock, below.
+        self._incoming: deque[tuple[float, Samples]] = deque()
         self._played_total = 0
         self._reply_start_played = 0
         self._echo: deque[Samples] = deque(
@@ -135,9 +138,17 @@ class ScriptedUser:
     def _microphone(self) -> None:
         next_at = self.mic_started_at = time.monotonic()
         while not self._stopped.wait(max(0.0, next_at - time.monotonic())):
+            # The sound card's clock: this tick is due now, though a busy machine may run it
+            # late (and catch up). Audio is played and speech heard by that clock, as a
+            # device does: played by the wall clock, a reply that started on a late tick
+            # would reach the microphone earlier than it could have, by as much as the tick
+            # was late (up to 90 ms with three sessions on two cores), and each reply would
+            # seem to play at another delay.
+            now = next_at
             next_at += FRAME_S
-            now = time.monotonic()
             with self._lock:
+                while self._incoming and self._incoming[0][0] <= now:
+                    self._speaker.append(self._incoming.popleft()[1])
                 played = self._play_one_frame()
                 if self._room is not None:
                     frame = self._room.echo(played)
@@ -176,7 +187,7 @@ class ScriptedUser:
                 with self._arrived:
                     if isinstance(message, bytes):
                         samples = from_pcm16(message)
-                        self._speaker.append(samples)
+                        self._incoming.append((now, samples))
                         self.received.append(Received(now, audio_samples=len(samples)))
                     else:
                         event = json.loads(message)
@@ -192,6 +203,7 @@ class ScriptedUser:
             self._reply_start_played = self._played_total
         elif event["type"] == "interrupted":
             self._speaker.clear()  # playback stops now
+            self._incoming.clear()
             self.interrupted_at.append(now)
             played_ms = 1000.0 * (self._played_total - self._reply_start_played) / RATE_HZ
             self._connection.send(protocol.playback(event.get("turn_id", -1), played_ms))
