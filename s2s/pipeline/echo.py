@@ -413,7 +413,7 @@ class EchoGate:
         count = min(self._rows_seen, ROWS_KEPT)
         kept = ~self._dropped[:count]
         if self._learned_s >= self.options.trusted_fit_s:
-            kept &= ~self._voices_on_probation(count)
+            kept &= ~self._voices_on_probation(count, kept)
             self._dropped[:count] = ~kept
         rows, targets = self._rows[:count][kept], self._targets[:count][kept]
         echo = self._echo_only(rows, targets)
@@ -432,14 +432,14 @@ class EchoGate:
             self._fit_bands(self._band_rows[:count][kept], self._band_targets[:count][kept], echo)
         self.fits += 1
 
-    def _voices_on_probation(self, count: int) -> np.ndarray:
+    def _voices_on_probation(self, count: int, kept: np.ndarray) -> np.ndarray:
         """Which measurements learned while the estimate was young stand over the echo as a
         voice would, judged by the bar of those learned since it is trusted (REVIEW_ROWS of
         them at least): a user who spoke up in the first second of the first reply, before
         the estimate could tell them from the echo, was learned as echo, and raised the bar
-        for the next twenty seconds."""
+        for the next twenty seconds. ``kept``: the first ``count`` measurements not yet left
+        out."""
         rows, targets = self._rows[:count], self._targets[:count]
-        kept = ~self._dropped[:count]
         trusted = kept & ~self._on_probation[:count]
         if self._response is None or trusted.sum() < REVIEW_ROWS:
             return np.zeros(count, dtype=bool)
